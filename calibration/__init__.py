@@ -1,0 +1,1 @@
+"""edgecells.calibration: host-side data sets, stain targets and calibration sets."""

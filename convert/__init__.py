@@ -1,0 +1,1 @@
+"""edgecells.convert: host-side int8 quantization, validation and model bundles."""
