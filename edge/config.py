@@ -1,0 +1,262 @@
+"""Device configuration: ``config.toml`` (read with :mod:`tomllib`, ``tomli`` on Python 3.10).
+
+Every key is optional; a missing key takes the default below. Unknown sections or keys are
+refused (a typo must not silently fall back to a default). Command-line options override
+the file. On a device the file usually lives at ``/etc/edgecells/config.toml``; pass it with
+``edgecells screen --config FILE``.
+
+Keys (section, key = default: meaning)::
+
+    [session]
+    source = ""              # frame source URI: "picam:0", "cv:0", "gst:PIPELINE", a video
+                             # file, an image file, a folder or a glob; "" = the sample frames
+                             # shipped in edge/data/samples
+    bundle = ""              # model bundle folder; "" = the shipped reference bundle
+    out = "edgecells-out"    # output folder (cells.csv, summary.json, report.html, frames/)
+    frames = 0               # stop after this many frames; 0 = until the source ends
+    annotate = false         # write an annotated PNG per frame (boxes coloured by class)
+    gallery_max = 48         # most crops per gallery (abnormal, unidentified) in report.html
+
+    [camera]
+    pixel_size_um = 0.073    # size of one camera pixel on the slide, micrometres/pixel (the
+                             # BCCD sample frames: ~0.073, from a 7.5 um red cell ~103 px)
+    width = 640              # requested capture size (cameras only; files keep their size)
+    height = 480
+    exposure_us = 0          # fixed exposure in microseconds; 0 = meter once at start, then lock
+    analogue_gain = 0.0      # fixed gain; 0 = meter once at start, then lock
+    awb_gains = []           # fixed white balance [red, blue]; [] = meter once, then lock
+    warmup_frames = 10       # frames discarded while auto exposure/white balance settle
+    reopen_attempts = 5      # a camera that disappears is reopened this many times ...
+    reopen_backoff_s = 0.5   # ... waiting this long, doubling each time (capped at 8 s)
+
+    [inference]
+    backend = "auto"         # "auto", "litert", "openvino" or "onnxruntime"
+    threads = 1              # inference threads
+    batch = 64               # most crops per inference call (all crops of a frame when fewer)
+
+    [detect]
+    nucleus_min_um2 = 12.0   # smallest stained area accepted as a nucleated cell, um^2
+    platelet_min_um2 = 1.0   # platelet area range, um^2
+    platelet_max_um2 = 12.0
+    stain_threshold = 0      # nuclear-stain channel threshold 0..255; 0 = Otsu per frame,
+                             # clamped to [stain_threshold_min, stain_threshold_max]
+    stain_threshold_min = 20
+    stain_threshold_max = 80
+    edge_margin_um = 0.0     # drop cells whose centre lies closer than this to the border
+
+    [quality]
+    focus_min = 15.0         # variance of the Laplacian (grey, 0..255) below this = blurred
+    clipped_max = 0.05       # fraction of pixels at 0 or 255 (any channel) above this = bad
+                             # exposure
+    stain_max_distance = 3.0 # frame stain statistics farther than this from the bundle's
+                             # target (in target standard deviations, mean over the Lab
+                             # channels) = off-target stain
+    empty_min_cells = 1      # fewer cells (nucleated + platelets + red) than this = empty
+
+    [screening]
+    min_cells = 100          # INSUFFICIENT below this many classified nucleated cells
+    threshold = 0.02         # abnormal-fraction threshold for POSITIVE
+    confidence = 0.95        # one-sided confidence that the fraction exceeds the threshold
+    min_confidence = -1.0    # top-probability cut-off for "unidentified"; < 0 = bundle's
+    false_positive_rate = -1.0  # classifier's normal->abnormal rate; < 0 = bundle's
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from edgecells.edge.errors import EdgecellsError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+BACKENDS = ("auto", "litert", "openvino", "onnxruntime")
+
+
+@dataclass
+class SessionConfig:
+    source: str = ""
+    bundle: str = ""
+    out: str = "edgecells-out"
+    frames: int = 0
+    annotate: bool = False
+    gallery_max: int = 48
+
+
+@dataclass
+class CameraConfig:
+    pixel_size_um: float = 0.073
+    width: int = 640
+    height: int = 480
+    exposure_us: int = 0
+    analogue_gain: float = 0.0
+    awb_gains: list[float] = field(default_factory=list)
+    warmup_frames: int = 10
+    reopen_attempts: int = 5
+    reopen_backoff_s: float = 0.5
+
+
+@dataclass
+class InferenceConfig:
+    backend: str = "auto"
+    threads: int = 1
+    batch: int = 64
+
+
+@dataclass
+class DetectConfig:
+    nucleus_min_um2: float = 12.0
+    platelet_min_um2: float = 1.0
+    platelet_max_um2: float = 12.0
+    stain_threshold: int = 0
+    stain_threshold_min: int = 20
+    stain_threshold_max: int = 80
+    edge_margin_um: float = 0.0
+
+
+@dataclass
+class QualityConfig:
+    focus_min: float = 15.0
+    clipped_max: float = 0.05
+    stain_max_distance: float = 3.0
+    empty_min_cells: int = 1
+
+
+@dataclass
+class ScreeningConfig:
+    min_cells: int = 100
+    threshold: float = 0.02
+    confidence: float = 0.95
+    min_confidence: float = -1.0
+    false_positive_rate: float = -1.0
+
+
+@dataclass
+class Config:
+    session: SessionConfig = field(default_factory=SessionConfig)
+    camera: CameraConfig = field(default_factory=CameraConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    screening: ScreeningConfig = field(default_factory=ScreeningConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _coerce(where: str, value: Any, default: Any) -> Any:
+    """Check ``value`` against the type of ``default`` (ints are accepted for floats)."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise EdgecellsError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise EdgecellsError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise EdgecellsError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise EdgecellsError(f"{where}: expected a string, got {value!r}")
+        return value
+    if isinstance(default, list):
+        if not isinstance(value, list) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+        ):
+            raise EdgecellsError(f"{where}: expected a list of numbers, got {value!r}")
+        return [float(v) for v in value]
+    raise EdgecellsError(f"{where}: unsupported value {value!r}")  # pragma: no cover
+
+
+def _validate(cfg: Config, name: str) -> None:
+    c = cfg
+    checks = [
+        (c.camera.pixel_size_um > 0, "camera.pixel_size_um must be > 0"),
+        (c.camera.width > 0 and c.camera.height > 0, "camera.width/height must be > 0"),
+        (len(c.camera.awb_gains) in (0, 2), "camera.awb_gains must be [] or [red, blue]"),
+        (c.camera.reopen_attempts >= 0, "camera.reopen_attempts must be >= 0"),
+        (c.camera.reopen_backoff_s >= 0, "camera.reopen_backoff_s must be >= 0"),
+        (c.inference.backend in BACKENDS, f"inference.backend must be one of {BACKENDS}"),
+        (c.inference.threads >= 1, "inference.threads must be >= 1"),
+        (c.inference.batch >= 1, "inference.batch must be >= 1"),
+        (c.session.frames >= 0, "session.frames must be >= 0"),
+        (0 <= c.detect.stain_threshold <= 255, "detect.stain_threshold must be 0..255"),
+        (
+            0 < c.detect.platelet_min_um2 < c.detect.platelet_max_um2,
+            "detect.platelet_min_um2 must be > 0 and < platelet_max_um2",
+        ),
+        (c.detect.nucleus_min_um2 > 0, "detect.nucleus_min_um2 must be > 0"),
+        (0 <= c.quality.clipped_max <= 1, "quality.clipped_max must be in [0, 1]"),
+        (c.screening.min_cells >= 1, "screening.min_cells must be >= 1"),
+        (0 <= c.screening.threshold < 1, "screening.threshold must be in [0, 1)"),
+        (0.5 <= c.screening.confidence < 1, "screening.confidence must be in [0.5, 1)"),
+        (c.screening.min_confidence < 1, "screening.min_confidence must be < 1"),
+        (c.screening.false_positive_rate < 1, "screening.false_positive_rate must be < 1"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise EdgecellsError(f"{name}: {msg}")
+
+
+def config_from_dict(data: dict[str, Any], name: str = "config") -> Config:
+    """Build a :class:`Config` from a parsed TOML mapping; unknown keys are errors."""
+    cfg = Config()
+    for section, values in data.items():
+        if not hasattr(cfg, section):
+            raise EdgecellsError(f"{name}: unknown section [{section}]")
+        if not isinstance(values, dict):
+            raise EdgecellsError(f"{name}: [{section}] must be a table")
+        sub = getattr(cfg, section)
+        known = {f.name for f in fields(sub)}
+        for key, value in values.items():
+            if key not in known:
+                raise EdgecellsError(f"{name}: unknown key {section}.{key}")
+            where = f"{name}: {section}.{key}"
+            setattr(sub, key, _coerce(where, value, getattr(sub, key)))
+    _validate(cfg, name)
+    return cfg
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Read ``config.toml`` (``None``: all defaults)."""
+    if path is None:
+        return Config()
+    p = Path(path)
+    if not p.is_file():
+        raise EdgecellsError(f"{p}: no such config file")
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EdgecellsError(f"{p}: cannot read ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise EdgecellsError(f"{p}: not valid TOML ({exc})") from None
+    return config_from_dict(data, str(p))
+
+
+def dump_config(cfg: Config) -> str:
+    """The configuration as TOML text (every key, for templates and ``--show-config``)."""
+    lines: list[str] = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
