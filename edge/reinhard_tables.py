@@ -64,7 +64,9 @@ def srgb_to_linear(v: np.ndarray) -> np.ndarray:
 def linear_to_srgb(x: np.ndarray) -> np.ndarray:
     """sRGB companding, x in [0, 1] (float64)."""
     x = np.asarray(x, dtype=np.float64)
-    return np.where(x <= 0.0031308, 12.92 * x, 1.055 * np.power(np.maximum(x, 0.0), 1 / 2.4) - 0.055)
+    return np.where(
+        x <= 0.0031308, 12.92 * x, 1.055 * np.power(np.maximum(x, 0.0), 1 / 2.4) - 0.055
+    )
 
 
 def lab_f(t: np.ndarray) -> np.ndarray:
