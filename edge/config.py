@@ -36,13 +36,19 @@ Keys (section, key = default: meaning)::
 
     [detect]
     nucleus_min_um2 = 12.0   # smallest stained area accepted as a nucleated cell, um^2
-    platelet_min_um2 = 1.0   # platelet area range, um^2
+    platelet_min_um2 = 0.3   # platelet stained-area range, um^2
     platelet_max_um2 = 12.0
     stain_threshold = 0      # nuclear-stain channel threshold 0..255; 0 = Otsu per frame,
                              # clamped to [stain_threshold_min, stain_threshold_max]
     stain_threshold_min = 20
     stain_threshold_max = 80
     edge_margin_um = 0.0     # drop cells whose centre lies closer than this to the border
+    work_pixel_um = 0.15     # detection runs on the frame shrunk to about this um/pixel
+    join_um = 0.3            # dilation radius joining the stained parts of one nucleus
+    lobe_merge_um = 10.0     # nuclear parts with centroids closer than this = one cell
+    absorb_um = 1.0          # small stained bits this close to a nucleus belong to it
+    rbc_min_radius_um = 2.0  # red-cell count: distance-transform peaks this deep and apart
+    rbc_min_contrast = 12    # red cells must be this much darker (green, 0..255) than glass
 
     [quality]
     focus_min = 15.0         # variance of the Laplacian (grey, 0..255) below this = blurred
@@ -53,12 +59,15 @@ Keys (section, key = default: meaning)::
                              # channels) = off-target stain
     empty_min_cells = 1      # fewer cells (nucleated + platelets + red) than this = empty
 
-    [screening]
-    min_cells = 100          # INSUFFICIENT below this many classified nucleated cells
-    threshold = 0.02         # abnormal-fraction threshold for POSITIVE
-    confidence = 0.95        # one-sided confidence that the fraction exceeds the threshold
-    min_confidence = -1.0    # top-probability cut-off for "unidentified"; < 0 = bundle's
-    false_positive_rate = -1.0  # classifier's normal->abnormal rate; < 0 = bundle's
+    [screening]              # the flag rule (edge/screening.py); each key < 0 (or
+                             # min_cells = 0) takes the value in the bundle's
+                             # thresholds.screening / thresholds.min_confidence
+    min_cells = 0            # INSUFFICIENT below this many classified nucleated cells
+                             # (bundle default 100, as a manual differential)
+    threshold = -1.0         # abnormal-fraction threshold for POSITIVE
+    confidence = -1.0        # one-sided confidence that the fraction exceeds the threshold
+    min_confidence = -1.0    # top-probability cut-off below which a cell is "unidentified"
+    false_positive_rate = -1.0  # classifier's per-cell normal->abnormal rate
 """
 
 from __future__ import annotations
@@ -111,12 +120,18 @@ class InferenceConfig:
 @dataclass
 class DetectConfig:
     nucleus_min_um2: float = 12.0
-    platelet_min_um2: float = 1.0
+    platelet_min_um2: float = 0.3
     platelet_max_um2: float = 12.0
     stain_threshold: int = 0
     stain_threshold_min: int = 20
     stain_threshold_max: int = 80
     edge_margin_um: float = 0.0
+    work_pixel_um: float = 0.15
+    join_um: float = 0.3
+    lobe_merge_um: float = 10.0
+    absorb_um: float = 1.0
+    rbc_min_radius_um: float = 2.0
+    rbc_min_contrast: int = 12
 
 
 @dataclass
@@ -129,9 +144,9 @@ class QualityConfig:
 
 @dataclass
 class ScreeningConfig:
-    min_cells: int = 100
-    threshold: float = 0.02
-    confidence: float = 0.95
+    min_cells: int = 0
+    threshold: float = -1.0
+    confidence: float = -1.0
     min_confidence: float = -1.0
     false_positive_rate: float = -1.0
 
@@ -195,9 +210,12 @@ def _validate(cfg: Config, name: str) -> None:
         ),
         (c.detect.nucleus_min_um2 > 0, "detect.nucleus_min_um2 must be > 0"),
         (0 <= c.quality.clipped_max <= 1, "quality.clipped_max must be in [0, 1]"),
-        (c.screening.min_cells >= 1, "screening.min_cells must be >= 1"),
-        (0 <= c.screening.threshold < 1, "screening.threshold must be in [0, 1)"),
-        (0.5 <= c.screening.confidence < 1, "screening.confidence must be in [0.5, 1)"),
+        (c.screening.min_cells >= 0, "screening.min_cells must be >= 0"),
+        (c.screening.threshold < 1, "screening.threshold must be < 1"),
+        (
+            c.screening.confidence < 0 or 0.5 <= c.screening.confidence < 1,
+            "screening.confidence must be in [0.5, 1)",
+        ),
         (c.screening.min_confidence < 1, "screening.min_confidence must be < 1"),
         (c.screening.false_positive_rate < 1, "screening.false_positive_rate must be < 1"),
     ]
