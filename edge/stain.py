@@ -161,6 +161,15 @@ def stats_from_hist(hist: np.ndarray, mask: MaskParams, stride: int) -> FrameSta
         return FrameStats(False, "too dark (black frame)", n_total, 0, stride=stride)
     bright = counts[dark_bin:]
     n_bright = int(bright.sum())
+    _, all_std = _moments(tuple(int(v) for v in hist[dark_bin:, :7].sum(axis=0)))
+    if max(all_std) < _q10(mask.min_std_L):  # one flat colour: no cells to measure
+        all_mean = int(hist[dark_bin:, 1].sum()) // max(n_bright, 1)
+        flat_reason = (
+            "no stained pixels (all glass)"
+            if all_mean >= _q10(mask.max_threshold_L)
+            else "zero variance (flat image)"
+        )
+        return FrameStats(False, flat_reason, n_total, 0, stride=stride)
     # glass level: the bin holding the requested percentile of non-black pixels
     rank = int(math.ceil(mask.glass_percentile / 100.0 * n_bright))
     glass_bin = dark_bin + int(np.searchsorted(np.cumsum(bright), max(rank, 1)))

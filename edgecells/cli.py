@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -13,23 +12,15 @@ from edgecells import __version__
 from edgecells.edge.errors import EdgecellsError
 
 
-class _UserError(click.ClickException):
-    """An EdgecellsError shown by click as one line on stderr, with its exit code."""
-
-    def __init__(self, exc: EdgecellsError) -> None:
-        super().__init__(str(exc))
-        self.exit_code = exc.exit_code
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
-
-
 class _Group(TyperGroup):
-    def invoke(self, ctx: click.Context) -> Any:
+    """A command group that turns an EdgecellsError into one line on stderr and its exit code."""
+
+    def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except EdgecellsError as exc:
-            raise _UserError(exc) from None
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
 
 
 app = typer.Typer(
