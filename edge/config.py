@@ -51,7 +51,8 @@ Keys (section, key = default: meaning)::
     rbc_min_contrast = 12    # red cells must be this much darker (green, 0..255) than glass
 
     [quality]
-    focus_min = 15.0         # variance of the Laplacian (grey, 0..255) below this = blurred
+    focus_min = 3.5          # variance of the 3x3 Laplacian (grey 0..255, full frame) below
+                             # this = blurred (BCCD frames: 5.4-8; blurred by 1.5 px: 2.7)
     clipped_max = 0.05       # fraction of pixels at 0 or 255 (any channel) above this = bad
                              # exposure
     stain_max_distance = 3.0 # frame stain statistics farther than this from the bundle's
@@ -136,7 +137,7 @@ class DetectConfig:
 
 @dataclass
 class QualityConfig:
-    focus_min: float = 15.0
+    focus_min: float = 3.5
     clipped_max: float = 0.05
     stain_max_distance: float = 3.0
     empty_min_cells: int = 1

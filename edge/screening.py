@@ -1,0 +1,215 @@
+"""Per-slide screening: differential count, abnormal fraction with a Wilson CI, the flag.
+
+The rule (configurable; values from ``config.toml [screening]`` or else the bundle's
+``thresholds``):
+
+* Each classified cell gets the top-1 class of its probabilities. A cell whose top
+  probability is below ``min_confidence`` is **unidentified**: counted and shown for
+  review, never forced into a class.
+* The differential counts the identified **nucleated** cells: every class except the
+  non-nucleated ones (:data:`NON_NUCLEATED`, platelets). ``n`` is their number, ``k``
+  how many fall in an abnormal class of the bundle's mapping; the abnormal fraction is
+  ``k / n`` with a two-sided 95% Wilson score interval.
+* ``INSUFFICIENT`` when ``n < min_cells`` (default 100, as a manual differential).
+* Otherwise ``POSITIVE`` when the abnormal fraction exceeds ``threshold`` *with
+  confidence*, allowing for the classifier's own per-cell false-positive rate ``f``
+  (normal cells called abnormal, stored in the bundle): a slide whose true abnormal
+  fraction is exactly ``threshold`` would show an observed fraction of about
+  ``q = threshold + (1 - threshold) * f``; the flag is POSITIVE when the one-sided Wilson
+  lower bound of ``k / n`` at ``confidence`` exceeds ``q``.
+* Otherwise ``NEGATIVE``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+
+from edgecells.edge.errors import EdgecellsError
+
+POSITIVE = "POSITIVE"
+NEGATIVE = "NEGATIVE"
+INSUFFICIENT = "INSUFFICIENT"
+NON_NUCLEATED = ("platelet", "platelets", "thrombocyte")  # left out of the differential
+UNIDENTIFIED = "unidentified"
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval for ``k`` successes in ``n`` trials (``(0, 1)`` when n = 0)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    if not 0 <= k <= n:
+        raise ValueError(f"wilson_interval: need 0 <= k <= n, got k={k}, n={n}")
+    p = k / n
+    z2 = z * z
+    den = 1 + z2 / n
+    centre = (p + z2 / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / den
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def wilson_lower(k: int, n: int, confidence: float) -> float:
+    """One-sided Wilson lower bound at ``confidence`` (0 when n = 0)."""
+    if n <= 0:
+        return 0.0
+    z = NormalDist().inv_cdf(confidence)
+    return wilson_interval(k, n, z)[0]
+
+
+@dataclass
+class ScreeningRule:
+    """The flag's parameters (see the module docstring)."""
+
+    min_cells: int = 100
+    threshold: float = 0.05
+    confidence: float = 0.95
+    min_confidence: float = 0.5
+    false_positive_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.min_cells < 1:
+            raise EdgecellsError(f"screening: min_cells must be >= 1, got {self.min_cells}")
+        if not 0 <= self.threshold < 1:
+            raise EdgecellsError(f"screening: threshold must be in [0, 1), got {self.threshold}")
+        if not 0.5 <= self.confidence < 1:
+            raise EdgecellsError(
+                f"screening: confidence must be in [0.5, 1), got {self.confidence}"
+            )
+        if not 0 <= self.false_positive_rate < 1:
+            raise EdgecellsError(
+                f"screening: false_positive_rate must be in [0, 1), got {self.false_positive_rate}"
+            )
+
+    @property
+    def decision_fraction(self) -> float:
+        """The observed fraction a slide exactly at ``threshold`` would show."""
+        t, f = self.threshold, self.false_positive_rate
+        return t + (1 - t) * f
+
+    @classmethod
+    def from_bundle(cls, thresholds: dict[str, Any], overrides: Any = None) -> ScreeningRule:
+        """From a bundle's ``thresholds``; ``overrides`` a ScreeningConfig (< 0 = keep)."""
+        s = dict(thresholds.get("screening", {}) or {})
+        rule = cls(
+            min_cells=int(s.get("min_cells", 100)),
+            threshold=float(s.get("abnormal_fraction", 0.05)),
+            confidence=float(s.get("confidence", 0.95)),
+            min_confidence=float(thresholds.get("min_confidence", 0.5)),
+            false_positive_rate=float(s.get("false_positive_rate", 0.0)),
+        )
+        if overrides is not None:
+            if overrides.min_cells > 0:
+                rule.min_cells = int(overrides.min_cells)
+            for key in ("threshold", "confidence", "min_confidence", "false_positive_rate"):
+                v = getattr(overrides, key)
+                if v >= 0:
+                    setattr(rule, key, float(v))
+            rule.__post_init__()
+        return rule
+
+
+@dataclass
+class ScreeningResult:
+    """A slide's differential and flag."""
+
+    flag: str
+    cells: int  # identified nucleated cells (the differential's n)
+    abnormal: int
+    abnormal_fraction: float
+    ci95: tuple[float, float]
+    counts: dict[str, int]
+    unidentified: int
+    platelets: int
+    lower_bound: float
+    decision_fraction: float
+    reason: str
+    rule: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ci95"] = [self.ci95[0], self.ci95[1]]
+        return d
+
+
+class Tally:
+    """Running counts over a session (cheap to update per cell, resumable)."""
+
+    def __init__(self, classes: Sequence[str], abnormal: Sequence[bool]) -> None:
+        if len(classes) != len(abnormal):
+            raise EdgecellsError("screening: classes and abnormal flags differ in length")
+        self.classes = list(classes)
+        self.abnormal = list(abnormal)
+        self.counts = dict.fromkeys(self.classes, 0)
+        self.unidentified = 0
+
+    def add(self, label: str) -> None:
+        if label == UNIDENTIFIED:
+            self.unidentified += 1
+        elif label in self.counts:
+            self.counts[label] += 1
+        else:
+            raise EdgecellsError(f"screening: unknown class {label!r}")
+
+    def result(self, rule: ScreeningRule) -> ScreeningResult:
+        nucleated = [c for c in self.classes if c.lower() not in NON_NUCLEATED]
+        n = sum(self.counts[c] for c in nucleated)
+        k = sum(self.counts[c] for c, a in zip(self.classes, self.abnormal) if a)
+        platelets = sum(self.counts[c] for c in self.classes if c.lower() in NON_NUCLEATED)
+        return decide(n, k, rule, dict(self.counts), self.unidentified, platelets)
+
+
+def label_cells(probs: np.ndarray, classes: Sequence[str], min_confidence: float) -> list[str]:
+    """Top-1 class per row, or ``unidentified`` below ``min_confidence``."""
+    if probs.ndim != 2 or probs.shape[1] != len(classes):
+        raise EdgecellsError(
+            f"screening: probabilities of shape {probs.shape} for {len(classes)} classes"
+        )
+    top = probs.argmax(axis=1)
+    conf = probs[np.arange(len(probs)), top]
+    return [classes[t] if c >= min_confidence else UNIDENTIFIED for t, c in zip(top, conf)]
+
+
+def decide(
+    n: int,
+    k: int,
+    rule: ScreeningRule,
+    counts: dict[str, int] | None = None,
+    unidentified: int = 0,
+    platelets: int = 0,
+) -> ScreeningResult:
+    """Apply the flag rule to ``k`` abnormal among ``n`` identified nucleated cells."""
+    frac = k / n if n else 0.0
+    ci = wilson_interval(k, n)
+    lower = wilson_lower(k, n, rule.confidence)
+    q = rule.decision_fraction
+    if n < rule.min_cells:
+        flag = INSUFFICIENT
+        reason = f"{n} identified nucleated cells, fewer than {rule.min_cells}"
+    elif lower > q:
+        flag = POSITIVE
+        reason = (
+            f"abnormal {k}/{n}: lower {rule.confidence:.0%} bound {lower:.4f} exceeds "
+            f"{q:.4f} (threshold {rule.threshold} + false positives {rule.false_positive_rate})"
+        )
+    else:
+        flag = NEGATIVE
+        reason = f"abnormal {k}/{n}: lower {rule.confidence:.0%} bound {lower:.4f} <= {q:.4f}"
+    return ScreeningResult(
+        flag=flag,
+        cells=n,
+        abnormal=k,
+        abnormal_fraction=frac,
+        ci95=ci,
+        counts=dict(counts or {}),
+        unidentified=unidentified,
+        platelets=platelets,
+        lower_bound=lower,
+        decision_fraction=q,
+        reason=reason,
+        rule=asdict(rule),
+    )
