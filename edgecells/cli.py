@@ -43,6 +43,7 @@ app.add_typer(evaluate_app, name="evaluate")
 # its commands. Command modules import heavy libraries inside the command functions only.
 COMMAND_MODULES = [
     "edgecells.commands.stain",
+    "edgecells.commands.screen",
 ]
 
 

@@ -1,0 +1,375 @@
+"""``edgecells screen``, ``edgecells profile``, ``edgecells evaluate detector`` and
+``edgecells evaluate screening``: the device runtime's commands."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from edgecells.edge.errors import EdgecellsError
+
+err = Console(stderr=True)
+out = Console()
+
+
+def _progress(total: int | None, disable: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        disable=disable,
+        transient=True,
+    )
+
+
+def _setup(
+    config: Path | None,
+    source: str | None,
+    bundle: str | None,
+    backend: str | None,
+    threads: int | None,
+) -> tuple[Any, Any, Any]:
+    """Config with command-line overrides, the verified bundle, the open classifier."""
+    from edgecells.edge.backends import open_classifier
+    from edgecells.edge.bundle import load_bundle
+    from edgecells.edge.config import load_config
+
+    cfg = load_config(config)
+    if source is not None:
+        cfg.session.source = source
+    if bundle is not None:
+        cfg.session.bundle = bundle
+    if backend is not None:
+        cfg.inference.backend = backend
+    if threads is not None:
+        if threads < 1:
+            raise EdgecellsError(f"--threads must be >= 1, got {threads}")
+        cfg.inference.threads = threads
+    b = load_bundle(cfg.session.bundle or None)
+    clf = open_classifier(
+        b,
+        cfg.inference.backend,
+        cfg.inference.threads,
+        precision=_precision(b),
+        max_batch=cfg.inference.batch,
+    )
+    return cfg, b, clf
+
+
+def _precision(bundle: Any) -> str:
+    return "int8" if bundle.formats("int8") else "float32"
+
+
+def screen(
+    source: str | None = typer.Option(
+        None, "--source", "-s", help="picam:N, cv:N, gst:PIPELINE, video, image, folder or glob."
+    ),
+    bundle: str | None = typer.Option(None, "--bundle", "-b", help="Model bundle (folder)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="config.toml."),
+    out_dir: Path | None = typer.Option(None, "--out", "-o", help="Output folder."),
+    backend: str | None = typer.Option(
+        None, "--backend", help="auto, litert, openvino, onnxruntime."
+    ),
+    threads: int | None = typer.Option(None, "--threads", help="Inference threads."),
+    frames: int | None = typer.Option(None, "--frames", help="Stop after N frames."),
+    annotate: bool = typer.Option(False, "--annotate", help="Write an annotated PNG per frame."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the session in --out."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Screen a slide: classify the cells of every frame, count, flag, report.
+
+    With no arguments: the sample frames and the reference bundle shipped in the package.
+    """
+    from edgecells.edge.session import Session
+    from edgecells.edge.sources import open_source
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    cfg, b, clf = _setup(config, source, bundle, backend, threads)
+    out_path = out_dir if out_dir is not None else Path(cfg.session.out)
+    n = frames if frames is not None else cfg.session.frames
+    src = open_source(cfg.session.source, cfg.camera)
+    info = {
+        "source": cfg.session.source or "samples",
+        "bundle": str(b.source or b.root),
+        "backend": clf.backend,
+        "threads": cfg.inference.threads,
+        "pixel_size_um": cfg.camera.pixel_size_um,
+    }
+    sess = Session(
+        cfg,
+        b,
+        clf,
+        out=out_path,
+        resume=resume,
+        annotate=annotate or cfg.session.annotate,
+        info=info,
+    )
+    src.open()
+    total = n or (len(src) if hasattr(src, "__len__") else None)  # type: ignore[arg-type]
+    try:
+        with _progress(total, as_json) as bar:
+            task = bar.add_task("screening", total=total)
+            if sess.next_index:
+                bar.update(task, completed=sess.next_index)
+            summary = sess.run(src, n, progress=lambda r: bar.advance(task))
+    finally:
+        src.close()
+        clf.close()
+    if as_json:
+        typer.echo(json.dumps(_public(summary), indent=2))
+    else:
+        _print_summary(summary, out_path)
+
+
+def _public(s: dict[str, Any]) -> dict[str, Any]:
+    d = dict(s)
+    d["latency_ms"] = {k: v for k, v in s["latency_ms"].items()}
+    return d
+
+
+def _print_summary(s: dict[str, Any], out_path: Path) -> None:
+    colour = {"POSITIVE": "red", "NEGATIVE": "green"}.get(s["flag"], "yellow")
+    out.print(f"[bold {colour}]{s['flag']}[/]  {s['reason']}")
+    t = Table(title="Differential count")
+    t.add_column("class")
+    t.add_column("cells", justify="right")
+    for k, v in s["counts"].items():
+        t.add_row(k, str(v))
+    t.add_row("unidentified", str(s["unidentified"]))
+    out.print(t)
+    lo, hi = s["ci95"]
+    q = s["quality"]
+    reasons = [f"{k} {v}" for k, v in q["failed"].items() if v]
+    if q["unreadable"]:
+        reasons.append(f"unreadable {q['unreadable']}")
+    skipped = sum(q["failed"].values()) + q["unreadable"]
+    out.print(
+        f"abnormal {s['abnormal']}/{s['cells']} = {s['abnormal_fraction']:.2%} "
+        f"(95% CI {lo:.2%}-{hi:.2%}); frames {s['frames']} ({q['passed']} passed, "
+        f"{skipped} skipped{': ' + ', '.join(reasons) if reasons else ''})"
+    )
+    lat = s["latency_ms"]
+    out.print(
+        "latency p50 ms: "
+        + ", ".join(f"{k} {lat[k]['p50_ms']:.2f}" for k in lat if k not in ("inference_per_cell",))
+    )
+    for e in s.get("events", []):
+        out.print(f"[yellow]{e}[/]")
+    out.print(f"report: {out_path / 'report.html'}")
+
+
+# --------------------------------------------------------------------------- profile
+
+
+def profile(
+    bundle: str | None = typer.Option(None, "--bundle", "-b", help="Model bundle."),
+    source: str | None = typer.Option(None, "--source", "-s", help="Frame source URI."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="config.toml."),
+    frames: int = typer.Option(200, "--frames", help="Frames per run (the source cycles)."),
+    backend: list[str] = typer.Option(["auto"], "--backend", help="Backend(s) to profile."),
+    threads: list[int] = typer.Option([1], "--threads", help="Thread count(s) to profile."),
+    zoo: str | None = typer.Option(None, "--zoo", help="Profile a zoo architecture instead."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+) -> None:
+    """Per-stage latency (p50/p95/p99), frames/s, cells/s and peak memory."""
+    from edgecells.edge.profiling import profile_run
+
+    if frames < 1:
+        raise EdgecellsError(f"--frames must be >= 1, got {frames}")
+    results = []
+    for be in backend:
+        for th in threads:
+            if zoo is not None:
+                results.append(_profile_zoo(zoo, be, th, frames, source, config))
+                continue
+            cfg, b, clf = _setup(config, source, bundle, be, th)
+            try:
+                with _progress(frames, as_json) as bar:
+                    task = bar.add_task(f"{clf.backend} x{th}", total=frames)
+                    r = profile_run(cfg, b, clf, frames, lambda t=task: bar.advance(t))
+            finally:
+                clf.close()
+            results.append(r)
+    if as_json:
+        typer.echo(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+        return
+    for r in results:
+        t = Table(title=f"{r['backend']}, {r['threads']} thread(s), {r['frames']} frames")
+        t.add_column("stage")
+        for c in ("p50 ms", "p95 ms", "p99 ms"):
+            t.add_column(c, justify="right")
+        for k, v in r["stages"].items():
+            t.add_row(k, f"{v['p50_ms']:.3f}", f"{v['p95_ms']:.3f}", f"{v['p99_ms']:.3f}")
+        out.print(t)
+        out.print(
+            f"{r['fps']:.1f} frames/s, {r['cells_per_s']:.1f} cells/s, inference "
+            f"{r['inference_ms_per_cell']:.3f} ms/cell, peak memory {r['peak_rss_mb']:.0f} MiB"
+        )
+
+
+def _profile_zoo(
+    name: str, backend: str, threads: int, frames: int, source: str | None, config: Path | None
+) -> dict[str, Any]:
+    try:
+        from edgecells.convert import zoo as zoo_mod  # type: ignore[attr-defined]
+    except ImportError:
+        raise EdgecellsError("--zoo needs the conversion toolchain (convert/zoo.py)") from None
+    build = getattr(zoo_mod, "build_test_bundle", None) or getattr(zoo_mod, "zoo_bundle", None)
+    if build is None:
+        raise EdgecellsError("convert/zoo.py offers no bundle builder for --zoo")
+    import tempfile
+
+    from edgecells.edge.backends import open_classifier
+    from edgecells.edge.config import load_config
+    from edgecells.edge.profiling import profile_run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        b = build(name, Path(tmp))
+        cfg = load_config(config)
+        if source is not None:
+            cfg.session.source = source
+        clf = open_classifier(b, backend, threads, precision=_precision(b))
+        try:
+            r = profile_run(cfg, b, clf, frames)
+        finally:
+            clf.close()
+    r["zoo"] = name
+    return r
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def evaluate_detector(
+    frames_dir: Path = typer.Option(..., "--frames", help="Folder of frames (JPEGImages)."),
+    annotations: Path = typer.Option(..., "--annotations", help="Pascal VOC XML folder."),
+    image_set: Path | None = typer.Option(
+        None, "--list", help="Only the frames named in this file (e.g. ImageSets/Main/test.txt)."
+    ),
+    config: Path | None = typer.Option(None, "--config", "-c", help="config.toml."),
+    as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON."),
+) -> None:
+    """Score the cell detector against Pascal VOC boxes (centre-in-box, one-to-one)."""
+    from edgecells.edge.config import load_config
+    from edgecells.edge.detect import (
+        NUCLEATED,
+        PLATELET,
+        VOC_PLATELETS,
+        VOC_WBC,
+        CellDetector,
+        DetectionScore,
+        match_centres,
+        read_voc,
+    )
+    from edgecells.edge.imageio import list_images, read_image
+
+    cfg = load_config(config)
+    det = CellDetector(cfg.detect, cfg.camera.pixel_size_um)
+    if not annotations.is_dir():
+        raise EdgecellsError(f"{annotations}: no such annotation folder")
+    files = list_images(frames_dir)
+    if image_set is not None:
+        if not image_set.is_file():
+            raise EdgecellsError(f"{image_set}: no such list file")
+        names = {ln.strip() for ln in image_set.read_text().splitlines() if ln.strip()}
+        files = [f for f in files if f.stem in names]
+    files = [f for f in files if (annotations / f"{f.stem}.xml").is_file()]
+    if not files:
+        raise EdgecellsError(f"{frames_dir}: no frames with annotations in {annotations}")
+    wbc, plt = DetectionScore(), DetectionScore()
+    with _progress(len(files), as_json) as bar:
+        task = bar.add_task("detecting", total=len(files))
+        for f in files:
+            boxes = read_voc(annotations / f"{f.stem}.xml")
+            d = det.detect(read_image(f))
+            for score, kind, names_ in ((wbc, NUCLEATED, VOC_WBC), (plt, PLATELET, VOC_PLATELETS)):
+                truth = [b for n in names_ for b in boxes.get(n, [])]
+                pred = [(c.cx, c.cy) for c in d.cells if c.kind == kind]
+                score.n_true += len(truth)
+                score.n_pred += len(pred)
+                score.tp += match_centres(pred, truth)
+            bar.advance(task)
+    result = {
+        "frames": len(files),
+        "matching": "centre-in-box, one-to-one",
+        "wbc": wbc.to_dict(),
+        "platelets": plt.to_dict(),
+    }
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    t = Table(title=f"Detection on {len(files)} frames (centre-in-box)")
+    for c in ("cells", "recall", "precision", "true", "predicted"):
+        t.add_column(c, justify="right")
+    for name, s in (("white cells", wbc), ("platelets", plt)):
+        t.add_row(name, f"{s.recall:.2%}", f"{s.precision:.2%}", str(s.n_true), str(s.n_pred))
+    out.print(t)
+
+
+def evaluate_screening(
+    bundle: str | None = typer.Argument(None, help="Model bundle (default: reference)."),
+    data: Path = typer.Option(..., "--data", help="PBC folder with splits.csv."),
+    slides: int = typer.Option(500, "--slides", help="Simulated slides per condition."),
+    cells: int = typer.Option(200, "--cells", help="Cells per slide."),
+    fractions: str = typer.Option("0.02,0.05,0.10", "--fractions", help="Abnormal fractions."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="config.toml."),
+    backend: str = typer.Option("auto", "--backend", help="Inference backend."),
+    threads: int = typer.Option(1, "--threads", help="Inference threads."),
+    seed: int = typer.Option(0, "--seed", help="Random seed for the slides."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Flag sensitivity/specificity on simulated slides from the PBC test split."""
+    from edgecells.edge.screening import classify_split, simulate
+
+    try:
+        fr = [float(x) for x in fractions.split(",") if x.strip()]
+    except ValueError:
+        raise EdgecellsError(f"--fractions: not a list of numbers: {fractions!r}") from None
+    cfg, b, clf = _setup(config, None, bundle, backend, threads)
+    try:
+        with _progress(None, as_json) as bar:
+            task = bar.add_task("classifying test split", total=None)
+            labels, truth = classify_split(
+                b, clf, data, lambda n, t: bar.update(task, total=t, completed=n)
+            )
+    finally:
+        clf.close()
+    res = simulate(b, cfg, labels, truth, slides, cells, fr, seed)
+    if as_json:
+        typer.echo(json.dumps(res, indent=2))
+        return
+    t = Table(title=f"Simulated slides of {cells} cells ({slides} per condition)")
+    for c in ("slides", "abnormal fraction", "POSITIVE", "NEGATIVE", "INSUFFICIENT", "metric"):
+        t.add_column(c, justify="right")
+    for row in res["conditions"]:
+        metric = (
+            f"specificity {row['specificity']:.2%}"
+            if row["fraction"] == 0
+            else f"sensitivity {row['sensitivity']:.2%}"
+        )
+        t.add_row(
+            row["name"],
+            f"{row['fraction']:.0%}",
+            str(row["POSITIVE"]),
+            str(row["NEGATIVE"]),
+            str(row["INSUFFICIENT"]),
+            metric,
+        )
+    out.print(t)
+    out.print(f"rule: {res['rule']}")
+
+
+def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
+    app.command("screen")(screen)
+    app.command("profile")(profile)
+    evaluate_app.command("detector")(evaluate_detector)
+    evaluate_app.command("screening")(evaluate_screening)
