@@ -15,11 +15,10 @@ Manifest schema, version 1 (``manifest.json``, UTF-8 JSON object)::
       "name": "reference",                   # free text
       "task": "multiclass",                  # or "binary" (one sigmoid output)
       "classes": ["basophil", ...],          # output order of every model
-      "mapping": {                           # normal/abnormal screening groups
-        "name": "pbc8",
-        "abnormal": ["erythroblast", "ig"],  # class names counted as abnormal
-        "normal": ["basophil", ...]          # the others
-      },
+      "mapping": {                           # ClassMapping.to_dict() (edge/mappings.py)
+        "schema": "edgecells.mapping/1", "name": "pbc8", ...,
+        "classes": [{"name": "basophil", "abnormal": false, "description": ""}, ...]
+      },                                     # same names, same order as "classes"
       "stain_target": {...} | null,          # StainTarget.to_dict(); null = no normalization
       "preprocessing": {
         "input_size": 128,                   # square model input side, pixels
@@ -209,7 +208,13 @@ class Bundle:
 
     @property
     def abnormal_classes(self) -> list[str]:
-        return list(self.mapping.get("abnormal", []))
+        return _abnormal_names(self.mapping)
+
+    def class_mapping(self) -> Any:
+        """The bundle's :class:`~edgecells.edge.mappings.ClassMapping`."""
+        from edgecells.edge.mappings import ClassMapping
+
+        return ClassMapping.from_dict(self.mapping, where=f"{self.root / MANIFEST_NAME} mapping")
 
     @property
     def abnormal_mask(self) -> np.ndarray:
@@ -295,6 +300,10 @@ class Bundle:
             "provenance": self.provenance,
             "verified": True,
         }
+
+
+def _abnormal_names(mapping: dict[str, Any]) -> list[str]:
+    return [e["name"] for e in mapping.get("classes", []) if e.get("abnormal")]
 
 
 # --------------------------------------------------------------------------- hashing
@@ -624,9 +633,16 @@ def parse_manifest(manifest: Any, mpath: str = MANIFEST_NAME) -> dict[str, Any]:
     if task not in ("multiclass", "binary"):
         raise EdgecellsError(f"{mpath}: unknown task {task!r}")
     mapping = _req(manifest, "mapping", dict, mpath)
-    abnormal = mapping.get("abnormal", [])
-    if not isinstance(abnormal, list) or any(a not in classes for a in abnormal):
-        raise EdgecellsError(f"{mpath}: mapping.abnormal must list class names of this bundle")
+    entries = mapping.get("classes")
+    if (
+        not isinstance(entries, list)
+        or not all(isinstance(e, dict) and isinstance(e.get("abnormal"), bool) for e in entries)
+        or [e.get("name") for e in entries] != classes
+    ):
+        raise EdgecellsError(
+            f"{mpath}: mapping.classes must list the bundle's classes in order, each with "
+            "name and abnormal: true/false"
+        )
     stain = manifest.get("stain_target")
     if stain is not None and not isinstance(stain, dict):
         raise EdgecellsError(f"{mpath}: stain_target must be an object or null")
@@ -756,6 +772,7 @@ def write_manifest(root: str | os.PathLike[str], manifest: dict[str, Any]) -> Pa
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, r / MANIFEST_NAME)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
