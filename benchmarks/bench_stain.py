@@ -184,9 +184,7 @@ def main() -> int:
         if "status" in r:
             print(f"{name:40s} {r['status']}")
             continue
-        print(
-            f"{name:40s} {r['ms_640x480']:11.2f} {r['ms_1920x1080']:10.2f} {ratios[name]:8.2f}"
-        )
+        print(f"{name:40s} {r['ms_640x480']:11.2f} {r['ms_1920x1080']:10.2f} {ratios[name]:8.2f}")
     print()
     for k, v in checks.items():
         print(f"{'PASS' if v else 'FAIL'}  {k}")
