@@ -89,6 +89,7 @@ def screen(
 
     With no arguments: the sample frames and the reference bundle shipped in the package.
     """
+    from edgecells.edge.sdnotify import ServiceHooks, StopRequested
     from edgecells.edge.session import Session
     from edgecells.edge.sources import open_source
 
@@ -115,13 +116,26 @@ def screen(
     )
     src.open()
     total = n or (len(src) if hasattr(src, "__len__") else None)  # type: ignore[arg-type]
+    # Under systemd: READY/watchdog/STATUS; SIGTERM ends the session at a frame boundary.
+    hooks = ServiceHooks.install()
+    hooks.ready(f"screening {info['source']}")
+
+    def _frame_done(r: Any) -> None:
+        bar.advance(task)
+        hooks.frame_done(sess.frames)
+
     try:
         with _progress(total, as_json) as bar:
             task = bar.add_task("screening", total=total)
             if sess.next_index:
                 bar.update(task, completed=sess.next_index)
-            summary = sess.run(src, n, progress=lambda r: bar.advance(task))
+            try:
+                summary = sess.run(src, n, progress=_frame_done)
+            except StopRequested:  # Session.run has written the final summary
+                summary = sess.summary()
     finally:
+        hooks.stopping()
+        hooks.uninstall()
         src.close()
         clf.close()
     if as_json:
