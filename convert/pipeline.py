@@ -39,6 +39,7 @@ class FormatResult:
     int8_bytes: int
     float32_bytes: int
     validation: validate.FormatValidation | None = None
+    error: str | None = None  # conversion failed (only with continue_on_error)
 
     @property
     def size_ratio(self) -> float:
@@ -76,6 +77,7 @@ class ConvertResult:
                     "float32_bytes": r.float32_bytes,
                     "size_ratio": round(r.size_ratio, 4),
                     "validation": r.validation.to_dict() if r.validation else None,
+                    "error": r.error,
                 }
                 for r in self.formats
             ],
@@ -190,6 +192,7 @@ def convert_model(
     extra_provenance: dict[str, Any] | None = None,
     step: Step | None = None,
     threads: int | None = None,
+    continue_on_error: bool = False,
 ) -> ConvertResult:
     """Convert, write, verify and validate a bundle. Never raises on a failed gate: the
     caller decides (``ConvertResult.failures``); the report is always written."""
@@ -218,9 +221,18 @@ def convert_model(
     results: list[FormatResult] = []
     for fmt in formats:
         step(f"converting {fmt}")
-        e, r = _convert_format(fmt, source, calib.x, out, io_type, keep)
+        try:
+            e, r = _convert_format(fmt, source, calib.x, out, io_type, keep)
+        except EdgecellsError as exc:
+            if not continue_on_error:
+                raise
+            results.append(FormatResult(fmt, 0.0, 0, 0, error=str(exc)))
+            continue
         entries += e
         results.append(r)
+    failed = [r for r in results if r.error]
+    if len(failed) == len(results):
+        raise EdgecellsError(f"{source.path}: no format converted ({failed[0].error})")
     target = calib.manifest.get("stain_target")
     provenance = {
         "source_model": source.name,
@@ -254,7 +266,7 @@ def convert_model(
         val_x, val_y = calib.x, calib.y
         val_desc = val_desc or "calibration set (training split; not held out)"
     abnormal = [i for i, c in enumerate(classes) if bundle.abnormal_mask[i]]
-    for r in results:
+    for r in (r for r in results if not r.error):
         step(f"validating {r.format}")
         probs = {}
         ms = {}
@@ -268,6 +280,7 @@ def convert_model(
         r.validation.ms_per_image_float32 = ms["float32"]
         r.validation.ms_per_image_int8 = ms["int8"]
     failures = validate.gate([r.validation for r in results if r.validation], max_drop)
+    failures += [f"{r.format}: conversion failed: {r.error}" for r in results if r.error]
     for r in results:
         v = r.validation
         if v is not None and (not v.passed or v.agreement < cfg["min_agreement"]):
@@ -290,7 +303,9 @@ def convert_model(
                 "ratio": round(r.size_ratio, 4),
             }
             for r in results
+            if not r.error
         },
+        "conversion_errors": {r.format: r.error for r in results if r.error},
         "conversion_seconds": {r.format: round(r.seconds, 2) for r in results},
     }
     manifest["validation"] = {

@@ -44,6 +44,7 @@ app.add_typer(evaluate_app, name="evaluate")
 COMMAND_MODULES = [
     "edgecells.commands.stain",
     "edgecells.commands.screen",
+    "edgecells.commands.convert",
 ]
 
 
