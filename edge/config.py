@@ -55,9 +55,10 @@ Keys (section, key = default: meaning)::
                              # this = blurred (BCCD frames: 5.4-8; blurred by 1.5 px: 2.7)
     clipped_max = 0.05       # fraction of pixels at 0 or 255 (any channel) above this = bad
                              # exposure
-    stain_max_distance = 3.0 # frame stain statistics farther than this from the bundle's
+    stain_max_distance = 2.0 # frame stain statistics farther than this from the bundle's
                              # target (in target standard deviations, mean over the Lab
-                             # channels) = off-target stain
+                             # channels) = off-target stain (BCCD frames vs a PBC target:
+                             # 0.47-0.83)
     empty_min_cells = 1      # fewer cells (nucleated + platelets + red) than this = empty
 
     [screening]              # the flag rule (edge/screening.py); each key < 0 (or
@@ -139,7 +140,7 @@ class DetectConfig:
 class QualityConfig:
     focus_min: float = 3.5
     clipped_max: float = 0.05
-    stain_max_distance: float = 3.0
+    stain_max_distance: float = 2.0
     empty_min_cells: int = 1
 
 

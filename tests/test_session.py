@@ -1,0 +1,214 @@
+"""The screening session end to end: files written, crash and resume, bad input, CLI."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from runtime_bundle import make_bundle
+from typer.testing import CliRunner
+
+from edgecells.cli import app
+from edgecells.edge.backends import open_classifier
+from edgecells.edge.bundle import load_bundle
+from edgecells.edge.config import Config
+from edgecells.edge.errors import EdgecellsError
+from edgecells.edge.report import read_csv
+from edgecells.edge.session import Session
+from edgecells.edge.sources import open_source
+
+FRAMES = Path(__file__).parent / "fixtures" / "bccd" / "JPEGImages"
+KEYS = {
+    "flag",
+    "frames",
+    "cells",
+    "abnormal",
+    "abnormal_fraction",
+    "ci95",
+    "counts",
+    "unidentified",
+    "quality",
+    "latency_ms",
+}
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from edgecells.edge.imageio import list_images, read_image
+    from edgecells.edge.stain import StainTarget
+
+    pbc = Path(__file__).parent / "fixtures" / "pbc"
+    target = StainTarget.fit([read_image(p) for p in list_images(pbc)[:24]])
+    return make_bundle(tmp_path_factory.mktemp("bundle") / "tiny", stain_target=target.to_dict())
+
+
+def _session(bundle_dir: Path, out: Path | None, resume: bool = False, **kw) -> Session:
+    b = load_bundle(bundle_dir)
+    clf = open_classifier(b, "onnxruntime", 1, precision="float32")
+    return Session(Config(), b, clf, out=out, resume=resume, **kw)
+
+
+def _run(
+    bundle_dir: Path,
+    out: Path | None,
+    source: str = str(FRAMES),
+    n: int = 0,
+    resume: bool = False,
+    **kw,
+) -> dict:
+    sess = _session(bundle_dir, out, resume, **kw)
+    src = open_source(source)
+    src.open()
+    try:
+        return sess.run(src, n)
+    finally:
+        src.close()
+
+
+def test_session_writes_all_files(bundle_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    s = _run(bundle_dir, out, annotate=True)
+    assert KEYS <= set(s)
+    assert s["frames"] == 6 and s["quality"]["passed"] == 6 and s["complete"]
+    cells = read_csv(out / "cells.csv")
+    assert len(cells) == sum(s["counts"].values()) + s["unidentified"]
+    assert {"frame", "x", "y", "w", "h", "label", "confidence", "p_abnormal"} <= set(cells[0])
+    assert len(read_csv(out / "frames.csv")) == 6
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["flag"] == s["flag"] == "INSUFFICIENT"  # 6 frames are far from 100 cells
+    html = (out / "report.html").read_text()
+    assert "INSUFFICIENT" in html and "Differential count" in html
+    assert len(list((out / "frames").glob("*.png"))) == 6
+    for stage in ("capture", "stain", "detect", "crop", "inference", "aggregate"):
+        assert s["latency_ms"][stage]["n"] == 6
+
+
+def test_existing_output_needs_resume(bundle_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _run(bundle_dir, out, n=2)
+    with pytest.raises(EdgecellsError, match="--resume"):
+        _session(bundle_dir, out)
+
+
+def test_crash_and_resume_gives_the_uninterrupted_result(bundle_dir: Path, tmp_path: Path) -> None:
+    ref = _run(bundle_dir, tmp_path / "ref")
+    out = tmp_path / "crashed"
+    _run(bundle_dir, out, n=3)
+    # simulate a crash inside frame 3: its cells written, the frame row not, a torn line
+    rows = read_csv(tmp_path / "ref" / "cells.csv")
+    with open(out / "cells.csv", "a") as f:
+        for r in rows:
+            if r["frame"] == "3":
+                f.write(",".join(r[k] for k in r) + "\n")
+        f.write("3,9,12,")
+    with open(out / "frames.csv", "a") as f:
+        f.write("3,some/frame.jpg,17")  # torn frame row
+    resumed = _run(bundle_dir, out, resume=True)
+    assert resumed["frames"] == 6
+    assert resumed["counts"] == ref["counts"] and resumed["unidentified"] == ref["unidentified"]
+    assert read_csv(out / "cells.csv") == read_csv(tmp_path / "ref" / "cells.csv")
+    assert [r["frame"] for r in read_csv(out / "frames.csv")] == [str(i) for i in range(6)]
+    assert any("resumed after frame 2" in e for e in resumed["events"])
+
+
+def test_bad_frames_are_counted_skips(bundle_dir: Path, tmp_path: Path) -> None:
+    src = tmp_path / "frames"
+    src.mkdir()
+    shutil.copy(FRAMES / "BloodImage_00007.jpg", src / "a.jpg")
+    (src / "b.jpg").write_bytes(b"\xff\xd8 truncated")
+    img = cv2.imread(str(FRAMES / "BloodImage_00011.jpg"))
+    cv2.imwrite(str(src / "c_gray.png"), cv2.cvtColor(img, cv2.COLOR_BGR2GRAY))
+    cv2.imwrite(str(src / "d_16bit.png"), img.astype(np.uint16) * 257)
+    cv2.imwrite(str(src / "e_rgba.png"), cv2.cvtColor(img, cv2.COLOR_BGR2BGRA))
+    cv2.imwrite(str(src / "f_blank.png"), np.full((480, 640, 3), 255, np.uint8))
+    (src / "g_zero.png").write_bytes(b"")
+    s = _run(bundle_dir, tmp_path / "out", source=str(src))
+    q = s["quality"]
+    assert s["frames"] == 7
+    assert q["unreadable"] == 2  # truncated jpeg, zero-size file
+    assert q["passed"] == 3  # colour, 16-bit, RGBA
+    assert q["failed"]["stain"] + q["failed"]["exposure"] + q["failed"]["focus"] == 2  # gray, blank
+    statuses = [r["status"] for r in read_csv(tmp_path / "out" / "frames.csv")]
+    assert statuses.count("ok") == 3
+
+
+def test_full_disk_is_a_clear_error_and_keeps_rows(
+    bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    sess = _session(bundle_dir, out)
+    src = open_source(str(FRAMES))
+    src.open()
+    sess.step(src.read())
+    n_before = len(read_csv(out / "cells.csv"))
+    assert n_before > 0
+
+    class FullDisk:
+        def writerow(self, row: list) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sess._cells, "_w", FullDisk())
+    with pytest.raises(EdgecellsError, match="disk full") as exc:
+        sess.step(src.read())
+    assert exc.value.exit_code == 3
+    assert len(read_csv(out / "cells.csv")) == n_before
+
+
+def test_cli_screen_json_and_errors(bundle_dir: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "cli"
+    r = runner.invoke(
+        app,
+        [
+            "screen",
+            "--bundle",
+            str(bundle_dir),
+            "--source",
+            str(FRAMES),
+            "--out",
+            str(out),
+            "--frames",
+            "2",
+            "--json",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert KEYS <= set(s) and s["frames"] == 2 and s["backend"] == "onnxruntime"
+    r = runner.invoke(
+        app,
+        [
+            "screen",
+            "--bundle",
+            str(bundle_dir),
+            "--source",
+            str(FRAMES),
+            "--out",
+            str(out),
+            "--resume",
+            "--json",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["frames"] == 6
+    # a tampered bundle: one line, non-zero exit
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle_dir, bad)
+    with open(bad / "model.onnx", "ab") as f:
+        f.write(b"x")
+    r = runner.invoke(
+        app,
+        ["screen", "--bundle", str(bad), "--source", str(FRAMES), "--out", str(tmp_path / "o2")],
+    )
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert "model.onnx" in r.output
+    r = runner.invoke(
+        app,
+        ["screen", "--bundle", str(bundle_dir), "--source", "cv:57", "--out", str(tmp_path / "o3")],
+    )
+    assert r.exit_code != 0 and "camera not found" in r.output
