@@ -45,6 +45,7 @@ COMMAND_MODULES = [
     "edgecells.commands.stain",
     "edgecells.commands.screen",
     "edgecells.commands.convert",
+    "edgecells.commands.doctor",
 ]
 
 
