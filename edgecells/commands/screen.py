@@ -233,24 +233,43 @@ def profile(
 def _profile_zoo(
     name: str, backend: str, threads: int, frames: int, source: str | None, config: Path | None
 ) -> dict[str, Any]:
-    try:
-        from edgecells.convert import zoo as zoo_mod  # type: ignore[attr-defined]
-    except ImportError:
-        raise EdgecellsError("--zoo needs the conversion toolchain (convert/zoo.py)") from None
-    build = getattr(zoo_mod, "build_test_bundle", None) or getattr(zoo_mod, "zoo_bundle", None)
-    if build is None:
-        raise EdgecellsError("convert/zoo.py offers no bundle builder for --zoo")
+    """Convert a zoo architecture (random weights, synthetic calibration) to int8 in a
+    temporary bundle for ``backend``'s format, then profile it like any bundle."""
     import tempfile
 
-    from edgecells.edge.backends import open_classifier
+    try:
+        from edgecells.convert import pipeline, writer
+        from edgecells.convert import zoo as zoo_mod
+        from edgecells.convert.source import from_keras
+    except ImportError as exc:
+        raise EdgecellsError(f"--zoo needs the conversion toolchain ({exc})") from None
+    from edgecells.edge.backends import backend_module, open_classifier
+    from edgecells.edge.bundle import load_bundle
     from edgecells.edge.config import load_config
     from edgecells.edge.profiling import profile_run
 
+    fmt = "tflite" if backend == "auto" else backend_module(backend).FORMAT
+    classes, cmap_d, task_kind = zoo_mod.classes_and_mapping(name)
+    src_model = from_keras(zoo_mod.build(name), Path(f"{name}.keras"))
+    n = writer.defaults()["calibration"]["synthetic_images"]
+    calib = zoo_mod.synthetic_calibration(src_model.input_size, n)
     with tempfile.TemporaryDirectory() as tmp:
-        b = build(name, Path(tmp))
+        res = pipeline.convert_model(
+            src_model,
+            calib,
+            Path(tmp) / "bundle",
+            [fmt],
+            classes=classes,
+            mapping=cmap_d,
+            task=task_kind,
+            keep_float=False,
+            name=f"zoo-{name}",
+        )
+        b = load_bundle(res.bundle_dir)
         cfg = load_config(config)
         if source is not None:
             cfg.session.source = source
+        cfg.inference.threads = threads
         clf = open_classifier(b, backend, threads, precision=_precision(b))
         try:
             r = profile_run(cfg, b, clf, frames)
