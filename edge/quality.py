@@ -44,15 +44,16 @@ class FrameQuality:
 def focus_measure(frame: np.ndarray) -> float:
     """Variance of the Laplacian of the grey frame (higher = sharper)."""
     grey = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
-    lap = cv2.Laplacian(grey, cv2.CV_32F, ksize=1)
-    return float(lap.var())
+    lap = cv2.Laplacian(grey, cv2.CV_16S, ksize=1)
+    _, std = cv2.meanStdDev(lap)
+    return float(std[0, 0]) ** 2
 
 
 def clipped_fraction(frame: np.ndarray) -> float:
     """Fraction of pixels with any channel at 0 or 255."""
-    lo = frame.min(axis=2)
-    hi = frame.max(axis=2)
-    return float(np.count_nonzero((lo == 0) | (hi == 255))) / max(1, lo.size)
+    n = frame.shape[0] * frame.shape[1]
+    inside = cv2.inRange(frame, (1, 1, 1), (254, 254, 254))  # 255 where no channel clips
+    return float(n - cv2.countNonZero(inside)) / max(1, n)
 
 
 def stain_distance(stats: Any, target: Any) -> float:
