@@ -214,7 +214,6 @@ def make_selftest(
     top2 = np.sort(probs, axis=1)[:, -2:]
     margin = top2[:, 1] - top2[:, 0]
     labels = _argmax_labels(probs, b.classes)
-    (root / SELFTEST_DIR).mkdir(exist_ok=True)
     samples: list[dict[str, Any]] = []
     taken: dict[str, int] = {}
     for i, label in enumerate(labels):
@@ -225,6 +224,7 @@ def make_selftest(
             continue
         taken[label] = taken.get(label, 0) + 1
         rel = f"{SELFTEST_DIR}/{len(samples):02d}_{label}.png"
+        (root / SELFTEST_DIR).mkdir(exist_ok=True)
         write_image(root / rel, batch[i])
         samples.append(
             {

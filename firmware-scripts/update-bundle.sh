@@ -71,6 +71,7 @@ if [[ -z "$python" ]]; then
     [[ -x "$python" ]] || python="$(command -v python3 || true)"
 fi
 service=edgecells-screen.service
+staging="" # the unpacked new bundle until it is moved into place (removed on exit)
 
 current_target() {
     if [[ -L "$bundles/current" ]]; then readlink "$bundles/current"; fi
@@ -206,7 +207,7 @@ prune() {
 }
 
 do_install() {
-    local staging src id cur prev
+    local src id cur prev
     [[ -n "$new" ]] || ec_die "which bundle? (update-bundle.sh BUNDLE; see --help)"
     [[ -e "$new" ]] || ec_die "$new: no such bundle"
     if [[ "$EC_DRY_RUN" -eq 0 ]]; then mkdir -p "$bundles"; fi
@@ -217,7 +218,7 @@ do_install() {
     else
         staging="$(mktemp -d "$bundles/.incoming.XXXXXX")"
     fi
-    trap 'rm -rf -- "$staging"' EXIT
+    trap 'if [[ -n "$staging" ]]; then rm -rf -- "$staging"; fi' EXIT
     if [[ -d "$new" ]]; then
         [[ -f "$new/manifest.json" ]] || ec_die "$new: no manifest.json (not a model bundle)"
         cp -R -- "$new/." "$staging/"

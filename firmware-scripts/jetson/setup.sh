@@ -20,11 +20,13 @@
 #   --python PATH       the Python to build the venv from (default python3; needs >= 3.10)
 #   --reinstall, --no-start, --no-camera-check, --force, --root DIR, --dry-run: as pi/setup.sh
 #
-# The CSI camera for the gst: source (Argus; BGR frames into OpenCV's appsink):
-#   gst:nvarguscamerasrc sensor-id=0 ! video/x-raw(memory:NVMM),width=1920,height=1080,
-#   framerate=30/1 ! nvvidconv ! video/x-raw,format=BGRx ! videoconvert !
-#   video/x-raw,format=BGR ! appsink drop=true max-buffers=1
-# (one line, no spaces after the commas). Test it alone first:
+# The CSI camera for the gst: source (Argus; exposure and white balance locked for the
+# session; BGR frames into OpenCV's appsink), the same as edge/sources/gstreamer.py's:
+#   gst:nvarguscamerasrc sensor-id=0 aelock=true awblock=true
+#   ! video/x-raw(memory:NVMM),width=1280,height=720,framerate=30/1 ! nvvidconv
+#   ! video/x-raw,format=BGRx ! videoconvert ! video/x-raw,format=BGR
+#   ! appsink drop=true max-buffers=2
+# (one line). Test the camera alone first:
 #   gst-launch-1.0 nvarguscamerasrc num-buffers=30 ! fakesink
 set -euo pipefail
 
@@ -35,7 +37,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$here/../lib/install.sh"
 EC_TAG=edgecells-setup
 
-CSI_PIPELINE='nvarguscamerasrc sensor-id=0 ! video/x-raw(memory:NVMM),width=1920,height=1080,framerate=30/1 ! nvvidconv ! video/x-raw,format=BGRx ! videoconvert ! video/x-raw,format=BGR ! appsink drop=true max-buffers=1'
+CSI_PIPELINE='nvarguscamerasrc sensor-id=0 aelock=true awblock=true ! video/x-raw(memory:NVMM),width=1280,height=720,framerate=30/1 ! nvvidconv ! video/x-raw,format=BGRx ! videoconvert ! video/x-raw,format=BGR ! appsink drop=true max-buffers=2'
 
 ec_parse_common "$@"
 set -- "${EC_ARGS[@]+"${EC_ARGS[@]}"}"

@@ -144,8 +144,7 @@ ec_config() {
     else
         ec_render "$EC_FIRMWARE_DIR/config/config.toml.in" \
             "SOURCE=${source//\"/\\\"}" "BACKEND=$backend" "THREADS=$threads" \
-            "PIXEL_SIZE_UM=$pixel" "DATA_DIR=$EC_DATA_DIR" "CONFIG_DIR=$EC_CONFIG_DIR" \
-            "MIN_CELLS=$SCREEN_MIN_CELLS" "THRESHOLD=$SCREEN_THRESHOLD" >"$work"
+            "PIXEL_SIZE_UM=$pixel" "DATA_DIR=$EC_DATA_DIR" "CONFIG_DIR=$EC_CONFIG_DIR" >"$work"
     fi
     ec_install_content "$EC_CONFIG_DIR/config.toml" 0644 <"$work"
     rm -f "$work"
