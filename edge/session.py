@@ -124,10 +124,16 @@ class Pipeline:
         cells = det.cells
         s = self.input_size
         batch = np.empty((len(cells), s, s, 3), dtype=np.uint8)
+        sides = [self.crop_side(c.w, c.h) for c in cells]
+        src, norm = img, self.normalizer
+        if norm is not None and stats is not None and sum(x * x for x in sides) > img.size // 3:
+            # crops cover more pixels than the frame: transform the frame once and cut the
+            # crops from it (identical pixels: transform_crop equals the same region of
+            # the frame transformed with the same statistics; per-pixel, so reflection too)
+            src, norm = norm.normalize(img, stats).image, None
         for i, c in enumerate(cells):
-            side = self.crop_side(c.w, c.h)
-            crop = cut_crop(img, c.cx, c.cy, side)
-            batch[i] = prepare_crop(crop, self.normalizer, s, stats)
+            crop = cut_crop(src, c.cx, c.cy, sides[i])
+            batch[i] = prepare_crop(crop, norm, s, stats if norm is not None else None)
         p3 = time.perf_counter()
         t["crop"] = (p3 - p2) * 1000
         if len(cells):
@@ -140,7 +146,7 @@ class Pipeline:
         conf = probs.max(axis=1) if len(probs) else np.zeros(0)
         p_ab = probs[:, self.abnormal_mask].sum(axis=1) if len(probs) else np.zeros(0)
         for i, c in enumerate(cells):
-            side = self.crop_side(c.w, c.h)
+            side = sides[i]
             res.cells.append(
                 {
                     "frame": frame.index,

@@ -118,3 +118,41 @@ def test_match_centres_is_one_to_one() -> None:
     boxes = [(0, 0, 10, 10)]
     assert match_centres([(5, 5), (6, 6)], boxes) == 1
     assert match_centres([(50, 50)], boxes) == 0
+
+
+def test_evaluate_detector_command_json() -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from edgecells.cli import app
+
+    r = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "detector",
+            "--frames",
+            str(FIX / "JPEGImages"),
+            "--annotations",
+            str(FIX / "Annotations"),
+            "--json",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    for key in ("wbc", "platelets"):
+        assert {"recall", "precision", "n_true", "n_pred"} <= set(d[key])
+    assert d["wbc"]["recall"] == 1.0 and d["frames"] == 6
+    r = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "detector",
+            "--frames",
+            str(FIX / "JPEGImages"),
+            "--annotations",
+            str(FIX / "nope"),
+        ],
+    )
+    assert r.exit_code != 0 and "no such annotation folder" in r.output

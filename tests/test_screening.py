@@ -96,3 +96,84 @@ def test_rule_from_bundle_and_overrides() -> None:
     assert (r2.min_cells, r2.threshold, r2.false_positive_rate) == (50, 0.1, 0.01)
     with pytest.raises(EdgecellsError):
         ScreeningRule(confidence=1.2)
+
+
+def _fake_bundle(fpr: float = 0.0):
+    from types import SimpleNamespace
+
+    classes = ["erythroblast", "ig", "lymphocyte", "neutrophil", "platelet"]
+    return SimpleNamespace(
+        classes=classes,
+        abnormal_classes=["erythroblast", "ig"],
+        thresholds={
+            "min_confidence": 0.5,
+            "screening": {
+                "min_cells": 100,
+                "abnormal_fraction": 0.03,
+                "confidence": 0.95,
+                "false_positive_rate": fpr,
+            },
+        },
+    )
+
+
+def test_simulated_slides_perfect_and_noisy_classifier() -> None:
+    from edgecells.edge.screening import simulate
+
+    truth = ["ig"] * 50 + ["erythroblast"] * 50 + ["neutrophil"] * 300 + ["lymphocyte"] * 100
+    truth += ["platelet"] * 40
+    res = simulate(_fake_bundle(), None, list(truth), truth, 100, 200, [0.02, 0.1], seed=1)
+    normal, two, ten = res["conditions"]
+    assert normal["specificity"] == 1.0 and ten["sensitivity"] == 1.0
+    assert normal["slides"] == 100 and res["cell_false_positive_rate"] == 0.0
+    assert 0.0 <= two["sensitivity"] < 1.0  # 4 abnormal of 200 is below 3% with confidence
+    # a classifier calling 5% of normal cells abnormal: the rule must allow for it
+    noisy = list(truth)
+    normals = [i for i, t in enumerate(truth) if t in ("neutrophil", "lymphocyte")]
+    for i in normals[::20]:
+        noisy[i] = "ig"
+    naive = simulate(_fake_bundle(0.0), None, noisy, truth, 100, 200, [0.1], seed=2)
+    aware = simulate(_fake_bundle(0.05), None, noisy, truth, 100, 200, [0.1], seed=2)
+    assert naive["conditions"][0]["specificity"] < 0.8
+    assert aware["conditions"][0]["specificity"] >= 0.95
+    assert aware["conditions"][1]["sensitivity"] >= 0.5
+
+
+def test_evaluate_screening_command_on_fixtures(tmp_path) -> None:  # noqa: ANN001
+    import json
+    from pathlib import Path
+
+    from runtime_bundle import make_bundle
+    from typer.testing import CliRunner
+
+    from edgecells.cli import app
+
+    b = make_bundle(tmp_path / "tiny")
+    pbc = Path(__file__).parent / "fixtures" / "pbc"
+    r = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "screening",
+            str(b),
+            "--data",
+            str(pbc),
+            "--slides",
+            "20",
+            "--backend",
+            "onnxruntime",
+            "--json",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert [c["name"] for c in d["conditions"]] == [
+        "normal",
+        "abnormal 2%",
+        "abnormal 5%",
+        "abnormal 10%",
+    ]
+    for c in d["conditions"]:
+        assert c["POSITIVE"] + c["NEGATIVE"] + c["INSUFFICIENT"] == 20
+    r = CliRunner().invoke(app, ["evaluate", "screening", str(b), "--data", str(tmp_path)])
+    assert r.exit_code != 0 and "splits.csv" in r.output
