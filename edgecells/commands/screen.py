@@ -360,7 +360,13 @@ def evaluate_screening(
     seed: int = typer.Option(0, "--seed", help="Random seed for the slides."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Flag sensitivity/specificity on simulated slides from the PBC test split."""
+    """Flag sensitivity/specificity on simulated slides from the PBC test split.
+
+    Each test image is classified once by the bundle; a slide draws CELLS nucleated cells
+    with replacement (normal slides: normal classes only; abnormal slides: the given
+    fraction from erythroblast/IG). Specificity = NEGATIVE / normal slides and sensitivity
+    = POSITIVE / abnormal slides (an INSUFFICIENT slide counts against both).
+    """
     from edgecells.edge.screening import classify_split, simulate
 
     try:
