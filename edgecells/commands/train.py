@@ -1,0 +1,207 @@
+"""``edgecells train`` and ``edgecells evaluate classifier``."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+err = Console(stderr=True)
+out = Console()
+
+
+def _progress(disable: bool = False) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        disable=disable,
+        transient=False,
+    )
+
+
+def _quiet_tf() -> None:
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _report_skipped(skipped: list[tuple[str, str]]) -> None:
+    for path, reason in skipped[:20]:
+        err.print(f"[yellow]skipped[/] {path}: {reason}")
+    if len(skipped) > 20:
+        err.print(f"[yellow]skipped[/] ... and {len(skipped) - 20} more (see metrics.json)")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "-" if math.isnan(v) else f"{v:.4f}"
+    return str(v)
+
+
+def train_cmd(
+    data: Path = typer.Option(
+        ..., "--data", help="Folder with splits.csv, or one folder of images per class."
+    ),
+    out_path: Path = typer.Option(..., "--out", "-o", help="Model file to write (.keras)."),
+    size: int = typer.Option(64, "--size", min=32, max=224, help="Square input size, px."),
+    epochs: int = typer.Option(16, "--epochs", min=1, help="Training epochs."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (split, init, augmentation)."),
+    batch: int = typer.Option(128, "--batch", min=1, help="Batch size."),
+    no_stain: bool = typer.Option(
+        False, "--no-stain", help="Train without stain normalization (for comparison)."
+    ),
+    mapping: str = typer.Option(
+        "pbc8", "--mapping", help="Class mapping: preset name (pbc8, marrow22) or JSON file."
+    ),
+    cache: Path | None = typer.Option(
+        None, "--cache", help="Cache folder for preprocessed arrays (default ~/.cache/edgecells)."
+    ),
+    max_steps: int | None = typer.Option(
+        None, "--max-steps", min=1, help="Cap steps per epoch (quick trials)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+) -> None:
+    """Train the cell classifier from scratch; best epoch (val accuracy) kept."""
+    _quiet_tf()
+    from edgecells.calibration.train import TrainConfig, TrainProgress, train
+    from edgecells.edge.mappings import load_mapping
+
+    cfg = TrainConfig(
+        size=size,
+        epochs=epochs,
+        batch=batch,
+        seed=seed,
+        stain=not no_stain,
+        mapping=mapping,
+        max_steps=max_steps,
+    )
+    cmap = load_mapping(mapping)
+    with _progress() as bar:
+
+        class _P(TrainProgress):
+            def stage(self, name: str, total: int | None) -> Any:
+                task = bar.add_task(name, total=total)
+                return lambda n: bar.advance(task, n)
+
+            def epoch_end(self, epoch: int, logs: dict[str, float], best: bool) -> None:
+                bar.console.print(
+                    f"epoch {epoch}/{epochs}: loss {logs.get('loss', float('nan')):.4f} "
+                    f"acc {logs.get('accuracy', float('nan')):.4f} "
+                    f"val_acc {logs.get('val_accuracy', float('nan')):.4f}"
+                    + (" [green]best, saved[/]" if best else "")
+                )
+
+        result = train(data, out_path, cfg, cache_dir=cache, progress=_P(), mapping=cmap)
+    _report_skipped(result.skipped)
+    m = result.metrics
+    if as_json:
+        print(json.dumps(m, indent=2))
+        return
+    t = Table(title=f"{out_path} (best epoch {m['best_epoch']}, {m['seconds']:.0f} s)")
+    t.add_column("split")
+    for col in ("n", "accuracy", "balanced acc", "AUC abnormal", "sens", "spec"):
+        t.add_column(col, justify="right")
+    for split in ("val", "test"):
+        if split in m:
+            r = m[split]
+            t.add_row(
+                split,
+                str(r["n"]),
+                *(
+                    _fmt(r[k])
+                    for k in (
+                        "accuracy",
+                        "balanced_accuracy",
+                        "auc_abnormal",
+                        "sensitivity_abnormal",
+                        "specificity_abnormal",
+                    )
+                ),
+            )
+    out.print(t)
+    s = m["summary"]
+    out.print(
+        f"{s['params']} parameters, {s['flops'] / 1e6:.1f} MFLOPs/image, operating point "
+        f"{m['operating_point']:.4f} ({m['operating_point_rule']})"
+    )
+
+
+def evaluate_classifier_cmd(
+    model: Path = typer.Argument(..., help="A .keras model, or a bundle folder/archive."),
+    data: Path = typer.Option(..., "--data", help="Labelled data folder (as for train)."),
+    split: str = typer.Option("test", "--split", help="train, val, test or all."),
+    operating_point: float | None = typer.Option(
+        None, "--operating-point", help="Abnormal-probability threshold (default: the model's)."
+    ),
+    backend: str = typer.Option("auto", "--backend", help="Bundle backend (auto, litert, ...)."),
+    precision: str = typer.Option("int8", "--precision", help="Bundle model precision."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the split for class-folder data."),
+    cache: Path | None = typer.Option(None, "--cache", help="Cache folder."),
+    plot: Path | None = typer.Option(None, "--plot", help="Write confusion matrix + ROC PNG."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+) -> None:
+    """Accuracy, balanced accuracy, abnormal AUC/sensitivity/specificity, per class."""
+    _quiet_tf()
+    from edgecells.calibration.evaluate import evaluate_classifier, plot_evaluation
+
+    with _progress(disable=as_json) as bar:
+        task = bar.add_task(f"preprocess {split}", total=None)
+        ev = evaluate_classifier(
+            model,
+            data,
+            split=split,
+            operating_point=operating_point,
+            backend=backend,
+            precision=precision,
+            cache_dir=cache,
+            progress=lambda n: bar.advance(task, n),
+            seed=seed,
+        )
+    _report_skipped(ev.skipped)
+    if plot is not None:
+        plot_evaluation(ev, plot)
+    m = ev.metrics.to_dict()
+    if as_json:
+        print(json.dumps(m, indent=2))
+        return
+    t = Table(title=f"{model} on {data} [{split}], n={m['n']}")
+    t.add_column("class")
+    for col in ("precision", "recall", "f1", "support"):
+        t.add_column(col, justify="right")
+    for c, r in m["per_class"].items():
+        name = c + (" (abnormal)" if c in m["abnormal_classes"] else "")
+        t.add_row(name, _fmt(r["precision"]), _fmt(r["recall"]), _fmt(r["f1"]), str(r["support"]))
+    out.print(t)
+    s = Table(show_header=False)
+    s.add_column("metric")
+    s.add_column("value", justify="right")
+    for k in ("accuracy", "balanced_accuracy", "auc_abnormal"):
+        s.add_row(k, _fmt(m[k]))
+    s.add_row(f"sensitivity_abnormal @ {m['operating_point']:.4f}", _fmt(m["sensitivity_abnormal"]))
+    s.add_row(f"specificity_abnormal @ {m['operating_point']:.4f}", _fmt(m["specificity_abnormal"]))
+    s.add_row("ms_per_image", f"{m['ms_per_image']:.3f}")
+    out.print(s)
+    if plot is not None:
+        out.print(f"plot written to {plot}")
+
+
+def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
+    app.command("train")(train_cmd)
+    evaluate_app.command("classifier")(evaluate_classifier_cmd)

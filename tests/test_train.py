@@ -1,0 +1,87 @@
+"""Training: a smoke run on the 48 fixture images, and the augmentation pipeline."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from conftest import FIXTURES
+
+from edgecells.calibration.model import ArchConfig, build_classifier, count_flops
+from edgecells.calibration.train import TrainConfig, make_train_dataset, train
+from edgecells.edge.errors import EdgecellsError
+from edgecells.edge.stain import StainTarget
+
+TINY = ArchConfig(stem_channels=8, blocks=((1, 8, 1, 1), (2, 16, 1, 2)), head_channels=32)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    cfg = TrainConfig(size=32, epochs=2, batch=8, max_steps=2, arch=TINY)
+    result = train(FIXTURES / "pbc", out / "model.keras", cfg, cache_dir=out / "cache")
+    return out, result
+
+
+def test_smoke_training_writes_model_log_metrics_target(smoke):
+    import keras
+
+    out, result = smoke
+    assert result.model_path == out / "model.keras"
+    for name in ("model.keras", "train_log.csv", "metrics.json", "target.json", "mapping.json"):
+        assert (out / name).is_file(), name
+    rows = list(csv.DictReader((out / "train_log.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    assert {"loss", "accuracy", "val_accuracy"} <= set(rows[0])
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["size"] == 32 and m["config"]["stain"] is True
+    assert m["data"]["counts"] == {"train": 24, "val": 8, "test": 16}
+    assert m["best_epoch"] in (1, 2)
+    assert 0.0 < m["operating_point"] < 1.0
+    for key in ("accuracy", "balanced_accuracy", "auc_abnormal", "per_class"):
+        assert key in m["test"]
+    assert m["test"]["n"] == 16
+    StainTarget.load(out / "target.json")  # a valid target file
+    model = keras.models.load_model(out / "model.keras", compile=False)
+    assert model.input_shape == (None, 32, 32, 3)
+    probs = np.asarray(model(np.zeros((2, 32, 32, 3), np.float32)))
+    assert probs.shape == (2, 8) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_train_refuses_non_keras_output(tmp_path):
+    with pytest.raises(EdgecellsError, match=r"must be a \.keras file"):
+        train(FIXTURES / "pbc", tmp_path / "model.h5", TrainConfig(epochs=1, arch=TINY))
+
+
+def test_augmentation_is_seeded_and_keeps_range():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    y = np.arange(16) % 8
+
+    def first(seed: int) -> np.ndarray:
+        cfg = TrainConfig(size=32, batch=8, seed=seed)
+        xb, yb = next(iter(make_train_dataset(x, y, 8, cfg)))
+        assert tuple(xb.shape) == (8, 32, 32, 3) and tuple(yb.shape) == (8, 8)
+        return xb.numpy()
+
+    a, b, c = first(1), first(1), first(2)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert a.min() >= 0.0 and a.max() <= 255.0
+    assert not np.array_equal(a.round(), x[:8].astype(np.float32))  # really augmented
+
+
+def test_reference_architecture_meets_edge_budget():
+    import keras
+
+    model = build_classifier(8, 64)
+    assert model.count_params() <= 1_000_000  # <= 1 MB of int8 weights
+    assert count_flops(model) <= 100_000_000
+    assert isinstance(model.layers[1], keras.layers.Rescaling)
+    allowed = {
+        "InputLayer", "Rescaling", "Conv2D", "DepthwiseConv2D", "BatchNormalization", "ReLU",
+        "Add", "GlobalAveragePooling2D", "Dropout", "Dense",
+    }  # fmt: skip
+    assert {type(layer).__name__ for layer in model.layers} <= allowed
