@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,22 @@ def _progress(disable: bool = False) -> Progress:
         disable=disable,
         transient=True,
     )
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Route everything the converters print (Python and C level) to stderr, so that
+    stdout carries only our result (``--json`` stays parseable)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _fmt_pct(v: float | None) -> str:
@@ -188,13 +208,14 @@ def convert(
     from edgecells.convert.source import from_keras, load_source
     from edgecells.edge.mappings import load_mapping
 
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ logs quiet
     fmts = pipeline.parse_formats(formats)
     if validate_split not in ("test", "val", "all"):
         raise EdgecellsError(f"--validate-split must be test, val or all, not {validate_split!r}")
     if archive_format not in ("tar.gz", "zip"):
         raise EdgecellsError(f"--archive-format must be tar.gz or zip, not {archive_format!r}")
     steps = len(fmts) * 2 + 2
-    with _progress(as_json) as bar:
+    with _stdout_to_stderr(), _progress(as_json) as bar:
         task = bar.add_task("loading model", total=steps)
 
         def step(msg: str) -> None:
