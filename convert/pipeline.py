@@ -193,6 +193,7 @@ def convert_model(
     step: Step | None = None,
     threads: int | None = None,
     continue_on_error: bool = False,
+    analyse_layers: bool = True,
 ) -> ConvertResult:
     """Convert, write, verify and validate a bundle. Never raises on a failed gate: the
     caller decides (``ConvertResult.failures``); the report is always written."""
@@ -283,7 +284,11 @@ def convert_model(
     failures += [f"{r.format}: conversion failed: {r.error}" for r in results if r.error]
     for r in results:
         v = r.validation
-        if v is not None and (not v.passed or v.agreement < cfg["min_agreement"]):
+        if (
+            analyse_layers
+            and v is not None
+            and (not v.passed or v.agreement < cfg["min_agreement"])
+        ):
             step(f"analysing {r.format} layers")
             v.blame = blame_layers(
                 r.format, source, calib.x, keep, cfg["debug_top_layers"], cfg["debug_images"]
