@@ -106,3 +106,32 @@ def test_missing_target_for_stain_model_is_an_error(tmp_path):
     (tmp_path / "m" / "metrics.json").write_text(json.dumps({"config": {"stain": True}}))
     with pytest.raises(EdgecellsError, match="needs its stain target"):
         evaluate_classifier(path, PBC, cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("backend", ["litert", "onnxruntime"])
+def test_bundle_model_uses_device_preprocessing(backend, tmp_path):
+    """A bundle is scored through its backend on exactly prepare_crop's pixels."""
+    from edgecells.edge.backends import available_backends, open_classifier
+    from edgecells.edge.bundle import load_bundle
+    from edgecells.edge.imageio import read_image
+    from edgecells.edge.metrics import evaluate_probabilities
+    from edgecells.edge.preprocess import prepare_crop
+    from edgecells.edge.stain import ReinhardNormalizer
+
+    if backend not in available_backends():
+        pytest.skip(f"{backend} not installed")
+    bundle_dir = FIXTURES / "bundle_tiny"
+    ev = evaluate_classifier(bundle_dir, PBC, split="test", backend=backend, cache_dir=tmp_path)
+    assert ev.metrics.n == 16 and ev.metrics.extra["model_kind"].startswith("bundle:")
+    b = load_bundle(bundle_dir)
+    norm = ReinhardNormalizer(b.load_stain_target())
+    clf = open_classifier(b, backend=backend)
+    rows = [r.split(",") for r in (PBC / "splits.csv").read_text().splitlines()[1:]]
+    test = [(PBC / p, lab) for p, lab, split, *_ in rows if split == "test"]
+    x = np.stack([prepare_crop(read_image(p), norm, b.input_size) for p, _ in test])
+    y = np.array([b.classes.index(lab) for _, lab in test])
+    direct = evaluate_probabilities(
+        y, clf.predict(x), b.classes, list(np.nonzero(b.abnormal_mask)[0]), 0.5
+    )
+    assert ev.metrics.confusion_matrix == direct.confusion_matrix
+    assert ev.metrics.auc_abnormal == pytest.approx(direct.auc_abnormal)
