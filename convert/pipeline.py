@@ -9,11 +9,13 @@ layers to blame where a format fails it, and write the manifest (with the metric
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +84,22 @@ class ConvertResult:
                 for r in self.formats
             ],
         }
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Route everything the converters print (Python and C level) to stderr, so that
+    stdout carries only our result (``--json`` stays parseable)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def parse_formats(text: str | Sequence[str]) -> list[str]:

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,22 +29,6 @@ def _progress(disable: bool = False) -> Progress:
         disable=disable,
         transient=True,
     )
-
-
-@contextlib.contextmanager
-def _stdout_to_stderr() -> Iterator[None]:
-    """Route everything the converters print (Python and C level) to stderr, so that
-    stdout carries only our result (``--json`` stays parseable)."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def _fmt_pct(v: float | None) -> str:
@@ -215,7 +196,7 @@ def convert(
     if archive_format not in ("tar.gz", "zip"):
         raise EdgecellsError(f"--archive-format must be tar.gz or zip, not {archive_format!r}")
     steps = len(fmts) * 2 + 2
-    with _stdout_to_stderr(), _progress(as_json) as bar:
+    with pipeline.stdout_to_stderr(), _progress(as_json) as bar:
         task = bar.add_task("loading model", total=steps)
 
         def step(msg: str) -> None:
