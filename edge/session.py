@@ -41,7 +41,13 @@ from edgecells.edge.report import (
     write_json_atomic,
     write_text_atomic,
 )
-from edgecells.edge.screening import UNIDENTIFIED, ScreeningRule, Tally, label_cells
+from edgecells.edge.screening import (
+    NON_NUCLEATED,
+    UNIDENTIFIED,
+    ScreeningRule,
+    Tally,
+    label_cells,
+)
 from edgecells.edge.sources.base import Frame, SourceBase
 
 log = logging.getLogger("edgecells.session")
@@ -57,6 +63,18 @@ class FrameResult:
     cells: list[dict[str, Any]] = field(default_factory=list)
     red_cells: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+
+
+def agree_with_detector(labels: list[str], kinds: list[str]) -> list[str]:
+    """A cell whose class contradicts what the detector found — a platelet-sized detection
+    called a nucleated class, or a nucleus called a platelet — is ``unidentified``
+    (counted and shown for review, kept out of the differential)."""
+    out = []
+    for label, kind in zip(labels, kinds):
+        if label != UNIDENTIFIED and (label.lower() in NON_NUCLEATED) != (kind != NUCLEATED):
+            label = UNIDENTIFIED
+        out.append(label)
+    return out
 
 
 class Pipeline:
@@ -142,7 +160,9 @@ class Pipeline:
             probs = np.zeros((0, len(self.classes)), dtype=np.float32)
         p4 = time.perf_counter()
         t["inference"] = (p4 - p3) * 1000
-        labels = label_cells(probs, self.classes, self.rule.min_confidence)
+        labels = agree_with_detector(
+            label_cells(probs, self.classes, self.rule.min_confidence), [c.kind for c in cells]
+        )
         conf = probs.max(axis=1) if len(probs) else np.zeros(0)
         p_ab = probs[:, self.abnormal_mask].sum(axis=1) if len(probs) else np.zeros(0)
         for i, c in enumerate(cells):

@@ -177,3 +177,17 @@ def test_evaluate_screening_command_on_fixtures(tmp_path) -> None:  # noqa: ANN0
         assert c["POSITIVE"] + c["NEGATIVE"] + c["INSUFFICIENT"] == 20
     r = CliRunner().invoke(app, ["evaluate", "screening", str(b), "--data", str(tmp_path)])
     assert r.exit_code != 0 and "splits.csv" in r.output
+
+
+def test_detector_and_classifier_must_agree_on_the_kind() -> None:
+    from edgecells.edge.session import agree_with_detector
+
+    labels = ["eosinophil", "platelet", "platelet", "ig", UNIDENTIFIED]
+    kinds = ["platelet", "nucleated", "platelet", "nucleated", "platelet"]
+    assert agree_with_detector(labels, kinds) == [
+        UNIDENTIFIED,
+        UNIDENTIFIED,
+        "platelet",
+        "ig",
+        UNIDENTIFIED,
+    ]
