@@ -5,7 +5,8 @@ The rule (configurable; values from ``config.toml [screening]`` or else the bund
 
 * Each classified cell gets the top-1 class of its probabilities. A cell whose top
   probability is below ``min_confidence`` is **unidentified**: counted and shown for
-  review, never forced into a class.
+  review, never forced into a class. So is a cell whose class contradicts the detector's
+  kind (:func:`edgecells.edge.session.agree_with_detector`).
 * The differential counts the identified **nucleated** cells: every class except the
   non-nucleated ones (:data:`NON_NUCLEATED`, platelets). ``n`` is their number, ``k``
   how many fall in an abnormal class of the bundle's mapping; the abnormal fraction is
