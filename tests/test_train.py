@@ -85,3 +85,23 @@ def test_reference_architecture_meets_edge_budget():
         "Add", "GlobalAveragePooling2D", "Dropout", "Dense",
     }  # fmt: skip
     assert {type(layer).__name__ for layer in model.layers} <= allowed
+
+
+def test_cli_train_user_errors_are_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from edgecells.cli import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["train", "--data", str(FIXTURES / "pbc"), "--out", "m.h5"])
+    assert r.exit_code == 2 and "must be a .keras file" in r.output
+    r = runner.invoke(
+        app, ["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "m.keras")]
+    )
+    assert r.exit_code == 2 and "no such data folder" in r.output
+    assert "Traceback" not in r.output
+    r = runner.invoke(
+        app,
+        ["train", "--data", str(FIXTURES / "pbc"), "--out", "m.keras", "--mapping", "nope"],
+    )
+    assert r.exit_code == 2 and "no such mapping file or preset" in r.output
