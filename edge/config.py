@@ -30,7 +30,7 @@ Keys (section, key = default: meaning)::
     reopen_backoff_s = 0.5   # ... waiting this long, doubling each time (capped at 8 s)
 
     [inference]
-    backend = "auto"         # "auto", "litert", "openvino" or "onnxruntime"
+    backend = "auto"         # "auto", "litert", "openvino", "onnxruntime" or "tensorrt"
     threads = 1              # inference threads
     batch = 64               # most crops per inference call (all crops of a frame when fewer)
 
@@ -86,7 +86,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-BACKENDS = ("auto", "litert", "openvino", "onnxruntime")
+BACKENDS = ("auto", "litert", "openvino", "onnxruntime", "tensorrt")
 
 
 @dataclass

@@ -157,6 +157,15 @@ def check_backends(report: Report, configured: str = "auto") -> list[str]:
         report.add(f"backend {name}", OK, f"{_version(name) or '?'}{extra}")
     if importlib_find("tensorrt"):
         report.add("backend tensorrt", OK, f"TensorRT {_version('tensorrt') or '?'} (Python)")
+    else:
+        report.add(
+            "backend tensorrt",
+            FAIL if configured == "tensorrt" else OK,
+            "not installed",
+            "Jetson: sudo apt-get install python3-libnvinfer, and pip install cuda-python"
+            if configured == "tensorrt"
+            else "",
+        )
     if not working:
         report.add(
             "backends",

@@ -6,7 +6,8 @@
 
 ``available_backends()`` lists the runtimes importable here (checked without importing
 them). ``backend="auto"`` takes the first of :data:`AUTO_ORDER` that is installed and
-has a model in the bundle.
+has a model in the bundle; before those, a TensorRT engine built on this Jetson
+(``trt/engine.json``, see :mod:`.tensorrt`) when TensorRT and a CUDA device are present.
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ BACKENDS = {
     "litert": "edgecells.edge.backends.litert",
     "onnxruntime": "edgecells.edge.backends.onnxruntime",
     "openvino": "edgecells.edge.backends.openvino",
+    "tensorrt": "edgecells.edge.backends.tensorrt",
 }
 # LiteRT first: smallest runtime, what a Pi has; ONNX Runtime (Jetson: TensorRT/CUDA) next.
 AUTO_ORDER = ("litert", "onnxruntime", "openvino")
-ALIASES = {"tflite": "litert", "onnx": "onnxruntime", "ov": "openvino"}
+ALIASES = {"tflite": "litert", "onnx": "onnxruntime", "ov": "openvino", "trt": "tensorrt"}
 
 
 def backend_module(name: str) -> ModuleType:
@@ -74,6 +76,9 @@ def open_classifier(
             raise EdgecellsError(f"{model.backend}: runtime not installed for model {model_id!r}")
         return mod.open(b, model, threads=threads, max_batch=max_batch)
     if backend == "auto":
+        trt = backend_module("tensorrt").auto_open(b, precision, threads, max_batch)
+        if trt is not None:  # None unless an engine, TensorRT and a GPU are all present
+            return trt
         have = set(b.formats(precision))
         for name in AUTO_ORDER:
             mod = backend_module(name)
@@ -89,4 +94,8 @@ def open_classifier(
     mod = backend_module(backend)
     if not mod.available():
         raise EdgecellsError(f"{mod.NAME}: runtime not installed")
-    return mod.open(b, b.model(mod.FORMAT, precision), threads=threads, max_batch=max_batch)
+    if mod.NAME == "tensorrt":  # the engine decides the model (int8, or fp16 from float32)
+        model = mod.engine_model(b, precision)
+    else:
+        model = b.model(mod.FORMAT, precision)
+    return mod.open(b, model, threads=threads, max_batch=max_batch)

@@ -77,7 +77,7 @@ def screen(
     config: Path | None = typer.Option(None, "--config", "-c", help="config.toml."),
     out_dir: Path | None = typer.Option(None, "--out", "-o", help="Output folder."),
     backend: str | None = typer.Option(
-        None, "--backend", help="auto, litert, openvino, onnxruntime."
+        None, "--backend", help="auto, litert, openvino, onnxruntime, tensorrt."
     ),
     threads: int | None = typer.Option(None, "--threads", help="Inference threads."),
     frames: int | None = typer.Option(None, "--frames", help="Stop after N frames."),
