@@ -166,6 +166,11 @@ if [[ "$have_ort_gpu" -eq 0 ]]; then
             --extra-index-url "$ort_index" onnxruntime-gpu
     fi
 fi
+# cuda-python: device buffers for the TensorRT engine backend (edge/backends/tensorrt.py),
+# the major version matching JetPack's CUDA (JetPack 6: CUDA 12; JetPack 5: CUDA 11.4).
+if [[ "$jetpack" == 6 ]]; then cuda_python="cuda-python>=12,<13"; else cuda_python="cuda-python>=11.4,<12"; fi
+ec_run "$EC_VENV/bin/python" -m pip install --quiet \
+    --constraint "$EC_PREFIX/firmware/config/constraints.txt" "$cuda_python"
 # No "onnx" extra here: it would pull the CPU onnxruntime wheel over the GPU one.
 ec_pip_install "$package" ""
 # JetPack's OpenCV is built with GStreamer (needed by gst: sources); the PyPI wheel is not.
