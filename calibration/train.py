@@ -68,7 +68,7 @@ class TrainConfig:
     """Every number of a training run (saved in metrics.json)."""
 
     size: int = 64
-    epochs: int = 12
+    epochs: int = 24
     batch: int = 128
     seed: int = 0
     stain: bool = True

@@ -61,7 +61,7 @@ def train_cmd(
     ),
     out_path: Path = typer.Option(..., "--out", "-o", help="Model file to write (.keras)."),
     size: int = typer.Option(64, "--size", min=32, max=224, help="Square input size, px."),
-    epochs: int = typer.Option(12, "--epochs", min=1, help="Training epochs."),
+    epochs: int = typer.Option(24, "--epochs", min=1, help="Training epochs."),
     seed: int = typer.Option(0, "--seed", help="Random seed (split, init, augmentation)."),
     batch: int = typer.Option(128, "--batch", min=1, help="Batch size."),
     no_stain: bool = typer.Option(
