@@ -191,6 +191,53 @@ def blame_layers(
         return [{"error": f"layer analysis failed: {exc}"}]
 
 
+def per_cell_rates(
+    probs: np.ndarray,
+    y: np.ndarray,
+    abnormal_mask: np.ndarray,
+    min_confidence: float,
+    source: str,
+) -> dict[str, Any]:
+    """The classifier's per-cell screening rates, for the flag rule (edge/screening.py):
+    ``false_positive_rate`` = normal cells called (confidently) abnormal, and
+    ``sensitivity`` = abnormal cells called (confidently) abnormal."""
+    pred = np.argmax(probs, axis=1)
+    confident = probs.max(axis=1) >= min_confidence
+    called = abnormal_mask[pred] & confident
+    truth = abnormal_mask[y]
+    normal_n, abnormal_n = int((~truth).sum()), int(truth.sum())
+    return {
+        "false_positive_rate": round(float(called[~truth].mean()), 5) if normal_n else 0.0,
+        "per_cell_sensitivity": round(float(called[truth].mean()), 5) if abnormal_n else None,
+        "rates_measured_on": f"{source} ({normal_n} normal, {abnormal_n} abnormal cells)",
+    }
+
+
+def _model_operating_point(model_path: Path) -> float | None:
+    """The operating point `edgecells train` stored in metrics.json beside the model."""
+    metrics = Path(model_path).parent / "metrics.json"
+    if not Path(model_path).is_file() or not metrics.is_file():
+        return None
+    try:
+        op = json.loads(metrics.read_text(encoding="utf-8")).get("operating_point")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return round(float(op), 6) if isinstance(op, int | float) and 0 < op < 1 else None
+
+
+def _add_selftest(out: Path, x: np.ndarray, y: np.ndarray, classes: Sequence[str]) -> None:
+    """Self-test crops for `edgecells doctor` and bundle updates: up to 4 held-out images
+    per class, the deploy model keeps one per class predicted right with a clear margin."""
+    from edgecells.edge.doctor import make_selftest
+
+    rng = np.random.default_rng(0)
+    idx = [int(i) for c in range(len(classes)) for i in rng.permutation(np.flatnonzero(y == c))[:4]]
+    try:
+        make_selftest(out, [x[i] for i in idx], [classes[int(y[i])] for i in idx])
+    except EdgecellsError:
+        pass  # no crop predicted with a clear margin: doctor then warns, nothing breaks
+
+
 def convert_model(
     source: SourceModel,
     calib: CalibSet,
@@ -285,6 +332,7 @@ def convert_model(
         val_x, val_y = calib.x, calib.y
         val_desc = val_desc or "calibration set (training split; not held out)"
     abnormal = [i for i, c in enumerate(classes) if bundle.abnormal_mask[i]]
+    int8_probs: dict[str, np.ndarray] = {}
     for r in (r for r in results if not r.error):
         step(f"validating {r.format}")
         probs = {}
@@ -293,6 +341,7 @@ def convert_model(
             clf = open_classifier(bundle, model_id=f"{r.format}-{prec}", threads=threads)
             probs[prec], ms[prec] = validate.predict_all(clf, val_x)
             clf.close()
+        int8_probs[r.format] = probs["int8"]
         r.validation = validate.compare(
             r.format, probs["float32"], probs["int8"], val_y, classes, abnormal
         )
@@ -356,7 +405,26 @@ def convert_model(
         manifest["models"] = [m for m in manifest["models"] if m["precision"] != "float32"]
         if (out / "openvino").is_dir() and not any((out / "openvino").iterdir()):
             shutil.rmtree(out / "openvino")
+    op = _model_operating_point(source.path)
+    if op is not None:  # the abnormal-score threshold chosen at training (metrics.json)
+        manifest["thresholds"]["operating_point"] = op
+    if val_y is not None and int8_probs and task != "binary":
+        primary = next((f for f in ("tflite", "onnx", "openvino") if f in int8_probs), None)
+        screening = manifest["thresholds"].setdefault("screening", {})
+        screening.update(
+            per_cell_rates(
+                int8_probs[primary],
+                np.asarray(val_y),
+                np.asarray(bundle.abnormal_mask, dtype=bool),
+                float(manifest["thresholds"].get("min_confidence", 0.0)),
+                f"{primary}-int8 on {val_desc}",
+            )
+        )
+        report["screening_rates"] = {k: screening[k] for k in screening if "rate" in k}
     writer.write(out, manifest)
+    if val_y is not None and int8_probs and task != "binary":
+        step("adding self-test samples")
+        _add_selftest(out, val_x, np.asarray(val_y), classes)
     report_path = out / REPORT_NAME
     tmp = report_path.with_name(f".{REPORT_NAME}.tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -92,6 +92,15 @@ def test_each_format_converts_and_validates(work: dict) -> None:
         assert clf.predict(np.zeros((3, SIZE, SIZE, 3), np.uint8)).shape == (3, 8)
     tfl = b.model("tflite")
     assert tfl.input.dtype == "int8" and tfl.input.zero_point == -128
+    # the screening rule gets the classifier's measured per-cell rates, not a default
+    screening = b.manifest["thresholds"]["screening"]
+    assert 0 <= screening["false_positive_rate"] <= 1
+    assert "tflite-int8" in screening["rates_measured_on"]
+    assert "48 normal" not in screening["rates_measured_on"]  # split into normal/abnormal
+    # and self-test samples for `edgecells doctor`, predicted right by the deploy model
+    samples = b.manifest["selftest"]["samples"]
+    assert samples and all(s["label"] == s["truth"] for s in samples)
+    assert all((out / s["path"]).is_file() for s in samples)
     assert b.provenance["calibration_sha256"] == _sha(work["good"])
     assert b.stain_target is not None and b.preprocessing["stain_normalization"] != "none"
     report = json.loads((out / "validation.json").read_text())
