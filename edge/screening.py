@@ -51,7 +51,9 @@ def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float
     den = 1 + z2 / n
     centre = (p + z2 / (2 * n)) / den
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / den
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    lo = 0.0 if k == 0 else max(0.0, centre - half)  # exact ends, no 1e-17 residues
+    hi = 1.0 if k == n else min(1.0, centre + half)
+    return (lo, hi)
 
 
 def wilson_lower(k: int, n: int, confidence: float) -> float:
