@@ -232,6 +232,8 @@ def _add_selftest(out: Path, x: np.ndarray, y: np.ndarray, classes: Sequence[str
 
     rng = np.random.default_rng(0)
     idx = [int(i) for c in range(len(classes)) for i in rng.permutation(np.flatnonzero(y == c))[:4]]
+    if not idx:
+        return
     try:
         make_selftest(out, [x[i] for i in idx], [classes[int(y[i])] for i in idx])
     except EdgecellsError:
@@ -328,6 +330,8 @@ def convert_model(
     bundle = load_bundle(out)
 
     # Validation through the device backends.
+    held_out = val_x is not None and val_y is not None
+    real_labels = held_out or not calib.manifest.get("synthetic")
     if val_x is None:
         val_x, val_y = calib.x, calib.y
         val_desc = val_desc or "calibration set (training split; not held out)"
@@ -408,7 +412,7 @@ def convert_model(
     op = _model_operating_point(source.path)
     if op is not None:  # the abnormal-score threshold chosen at training (metrics.json)
         manifest["thresholds"]["operating_point"] = op
-    if val_y is not None and int8_probs and task != "binary":
+    if held_out and int8_probs and task != "binary":  # rates only from held-out data
         primary = next((f for f in ("tflite", "onnx", "openvino") if f in int8_probs), None)
         screening = manifest["thresholds"].setdefault("screening", {})
         screening.update(
@@ -422,7 +426,7 @@ def convert_model(
         )
         report["screening_rates"] = {k: screening[k] for k in screening if "rate" in k}
     writer.write(out, manifest)
-    if val_y is not None and int8_probs and task != "binary":
+    if real_labels and val_y is not None and int8_probs and task != "binary":
         step("adding self-test samples")
         _add_selftest(out, val_x, np.asarray(val_y), classes)
     report_path = out / REPORT_NAME

@@ -39,7 +39,7 @@ Manifest schema, version 1 (``manifest.json``, UTF-8 JSON object)::
           "min_cells": 100,                  # fewer classified cells = inconclusive
           "abnormal_fraction": 0.02,         # flag when the abnormal fraction exceeds this
           "confidence": 0.95,                # one-sided confidence of the flag decision
-          "false_positive_rate": 0.02        # per-cell normal->abnormal rate (measured at conversion)
+          "false_positive_rate": 0.02        # per-cell normal->abnormal rate (measured)
         }
       },
       "models": [                            # one entry per model file set
