@@ -131,6 +131,23 @@ def lab_q10_np(img: np.ndarray, tables: dict[str, np.ndarray]) -> np.ndarray:
 
 if HAVE_NUMBA:
 
+    @numba.njit(cache=True, nogil=True, inline="always")
+    def _lab_nb(r, g, b, lin, cbrt, m):  # pragma: no cover - compiled
+        """One pixel's Q10 L*, a*, b* (the forward path of the module docstring)."""
+        lr = np.int64(lin[r])
+        lg = np.int64(lin[g])
+        lb = np.int64(lin[b])
+        tx = (m[0, 0] * lr + m[0, 1] * lg + m[0, 2] * lb + 524288) >> 20
+        ty = (m[1, 0] * lr + m[1, 1] * lg + m[1, 2] * lb + 524288) >> 20
+        tz = (m[2, 0] * lr + m[2, 1] * lg + m[2, 2] * lb + 524288) >> 20
+        fx = np.int64(cbrt[min(max(tx, 0), 65536)])
+        fy = np.int64(cbrt[min(max(ty, 0), 65536)])
+        fz = np.int64(cbrt[min(max(tz, 0), 65536)])
+        lv = (116 * fy - 1048576 + 32) >> 6
+        av = (500 * (fx - fy) + 32) >> 6
+        bv = (200 * (fy - fz) + 32) >> 6
+        return lv, av, bv
+
     @numba.njit(cache=True, nogil=True)
     def _stats_hist_nb(img, stride, lin, cbrt, m, hist):  # pragma: no cover - compiled
         h, w = img.shape[0], img.shape[1]
@@ -139,21 +156,7 @@ if HAVE_NUMBA:
                 r = img[y, x, 0]
                 g = img[y, x, 1]
                 b = img[y, x, 2]
-                lr = np.int64(lin[r])
-                lg = np.int64(lin[g])
-                lb = np.int64(lin[b])
-                tx = (m[0, 0] * lr + m[0, 1] * lg + m[0, 2] * lb + 524288) >> 20
-                ty = (m[1, 0] * lr + m[1, 1] * lg + m[1, 2] * lb + 524288) >> 20
-                tz = (m[2, 0] * lr + m[2, 1] * lg + m[2, 2] * lb + 524288) >> 20
-                tx = min(max(tx, 0), 65536)
-                ty = min(max(ty, 0), 65536)
-                tz = min(max(tz, 0), 65536)
-                fx = np.int64(cbrt[tx])
-                fy = np.int64(cbrt[ty])
-                fz = np.int64(cbrt[tz])
-                lv = (116 * fy - 1048576 + 32) >> 6
-                av = (500 * (fx - fy) + 32) >> 6
-                bv = (200 * (fy - fz) + 32) >> 6
+                lv, av, bv = _lab_nb(r, g, b, lin, cbrt, m)
                 k = min(max(lv >> 8, 0), 511)
                 hist[k, 0] += 1
                 hist[k, 1] += lv
@@ -179,26 +182,12 @@ if HAVE_NUMBA:
                 r = img[y, x, 0]
                 g = img[y, x, 1]
                 b = img[y, x, 2]
-                lr = np.int64(lin[r])
-                lg = np.int64(lin[g])
-                lb = np.int64(lin[b])
-                tx = (m[0, 0] * lr + m[0, 1] * lg + m[0, 2] * lb + 524288) >> 20
-                ty = (m[1, 0] * lr + m[1, 1] * lg + m[1, 2] * lb + 524288) >> 20
-                tz = (m[2, 0] * lr + m[2, 1] * lg + m[2, 2] * lb + 524288) >> 20
-                tx = min(max(tx, 0), 65536)
-                ty = min(max(ty, 0), 65536)
-                tz = min(max(tz, 0), 65536)
-                fx = np.int64(cbrt[tx])
-                fy = np.int64(cbrt[ty])
-                fz = np.int64(cbrt[tz])
-                lv = (116 * fy - 1048576 + 32) >> 6
+                lv, av, bv = _lab_nb(r, g, b, lin, cbrt, m)
                 if lv < dark_q or lv >= t_q:
                     out[y, x, 0] = r
                     out[y, x, 1] = g
                     out[y, x, 2] = b
                     continue
-                av = (500 * (fx - fy) + 32) >> 6
-                bv = (200 * (fy - fz) + 32) >> 6
                 l2 = (((lv - mu_s0) * sc0 + 32768) >> 16) + mu_t0
                 a2 = (((av - mu_s1) * sc1 + 32768) >> 16) + mu_t1
                 b2 = (((bv - mu_s2) * sc2 + 32768) >> 16) + mu_t2
