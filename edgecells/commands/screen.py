@@ -250,10 +250,11 @@ def _profile_zoo(
 
     fmt = "tflite" if backend == "auto" else backend_module(backend).FORMAT
     classes, cmap_d, task_kind = zoo_mod.classes_and_mapping(name)
-    src_model = from_keras(zoo_mod.build(name), Path(f"{name}.keras"))
-    n = writer.defaults()["calibration"]["synthetic_images"]
-    calib = zoo_mod.synthetic_calibration(src_model.input_size, n)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, pipeline.stdout_to_stderr():
+        # the converters print to stdout (C level too): keep it for --json
+        src_model = from_keras(zoo_mod.build(name), Path(f"{name}.keras"))
+        n = writer.defaults()["calibration"]["synthetic_images"]
+        calib = zoo_mod.synthetic_calibration(src_model.input_size, n)
         res = pipeline.convert_model(
             src_model,
             calib,
