@@ -1,4 +1,4 @@
-"""Package layout: four top-level folders under one import namespace (see DESIGN.md).
+"""Package layout: five top-level folders under one import namespace (see DESIGN.md).
 
 setuptools' ``package-dir`` maps ``edgecells.edge`` -> ``edge/`` and so on; sub-packages
 are discovered here so that a new folder with an ``__init__.py`` needs no edit.
@@ -10,6 +10,7 @@ ROOTS = {
     "edgecells": "edgecells",
     "edgecells.edge": "edge",
     "edgecells.calibration": "calibration",
+    "edgecells.training": "training",
     "edgecells.convert": "convert",
 }
 
@@ -24,6 +25,7 @@ setup(
     package_data={
         "edgecells.edge": ["data/*", "data/**/*"],
         "edgecells.calibration": ["data/*", "data/**/*"],
+        "edgecells.training": ["data/*", "data/**/*"],
         "edgecells.convert": ["data/*", "data/**/*"],
     },
     include_package_data=True,

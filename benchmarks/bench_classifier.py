@@ -38,7 +38,7 @@ def main() -> None:
     import keras
     import tensorflow as tf
 
-    from edgecells.calibration.model import count_flops
+    from edgecells.training.model import count_flops
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)

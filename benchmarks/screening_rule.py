@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from edgecells.edge.screening import simulate
+from edgecells.training.slides import simulate
 
 
 def main() -> None:

@@ -228,7 +228,7 @@ def _model_operating_point(model_path: Path) -> float | None:
 def _add_selftest(out: Path, x: np.ndarray, y: np.ndarray, classes: Sequence[str]) -> None:
     """Self-test crops for `edgecells doctor` and bundle updates: up to 4 held-out images
     per class, the deploy model keeps one per class predicted right with a clear margin."""
-    from edgecells.edge.doctor import make_selftest
+    from edgecells.convert.selftest import make_selftest
 
     rng = np.random.default_rng(0)
     idx = [int(i) for c in range(len(classes)) for i in rng.permutation(np.flatnonzero(y == c))[:4]]

@@ -30,7 +30,6 @@ reflection where the square leaves the frame (:func:`cut_crop`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -268,73 +267,3 @@ def cut_crop(frame: np.ndarray, cx: float, cy: float, size: int) -> np.ndarray:
         return cv2.copyMakeBorder(inner, pad_t, pad_b, pad_l, pad_r, mode)
     except cv2.error:
         return cv2.copyMakeBorder(inner, pad_t, pad_b, pad_l, pad_r, cv2.BORDER_REPLICATE)
-
-
-# --------------------------------------------------------------------------- scoring
-
-
-def read_voc(path: str | Path) -> dict[str, list[tuple[int, int, int, int]]]:
-    """Boxes per class name from a Pascal VOC XML file."""
-    import xml.etree.ElementTree as ET
-
-    try:
-        root = ET.parse(path).getroot()
-    except (OSError, ET.ParseError) as exc:
-        raise EdgecellsError(f"{path}: not a readable Pascal VOC file ({exc})") from None
-    out: dict[str, list[tuple[int, int, int, int]]] = {}
-    for obj in root.findall("object"):
-        name = (obj.findtext("name") or "").strip()
-        bb = obj.find("bndbox")
-        if bb is None:
-            continue
-        try:
-            box = tuple(int(float(bb.findtext(k) or "")) for k in ("xmin", "ymin", "xmax", "ymax"))
-        except ValueError:
-            raise EdgecellsError(f"{path}: bad box for {name!r}") from None
-        out.setdefault(name, []).append(box)  # type: ignore[arg-type]
-    return out
-
-
-def match_centres(
-    centres: list[tuple[float, float]], boxes: list[tuple[int, int, int, int]]
-) -> int:
-    """True positives under the centre-in-box rule, one-to-one, greedy in order."""
-    used: set[int] = set()
-    tp = 0
-    for cx, cy in centres:
-        for j, (x0, y0, x1, y1) in enumerate(boxes):
-            if j not in used and x0 <= cx <= x1 and y0 <= cy <= y1:
-                used.add(j)
-                tp += 1
-                break
-    return tp
-
-
-@dataclass
-class DetectionScore:
-    """Recall/precision of one cell kind against annotated boxes."""
-
-    n_true: int = 0
-    n_pred: int = 0
-    tp: int = 0
-
-    @property
-    def recall(self) -> float:
-        return self.tp / self.n_true if self.n_true else 0.0
-
-    @property
-    def precision(self) -> float:
-        return self.tp / self.n_pred if self.n_pred else 0.0
-
-    def to_dict(self) -> dict[str, float | int]:
-        return {
-            "recall": round(self.recall, 4),
-            "precision": round(self.precision, 4),
-            "n_true": self.n_true,
-            "n_pred": self.n_pred,
-            "tp": self.tp,
-        }
-
-
-VOC_WBC = ("WBC",)
-VOC_PLATELETS = ("Platelets", "Platelet", "PLT")

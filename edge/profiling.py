@@ -1,115 +1,17 @@
-"""Latency and memory measurement with constant memory (long sessions, 10,000+ frames).
-
-:class:`LatencyStats` keeps a log-spaced histogram per stage (bins 1% wide from 1 µs
-to 100 s), so percentiles are exact to about 1% whatever the session length, and memory
-does not grow with the number of frames.
-"""
+"""Profiling a bundle on a frame source: the pipeline without file output, per-stage
+latency percentiles, throughput and memory (``edgecells profile``)."""
 
 from __future__ import annotations
 
-import math
-import os
-import resource
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
-import numpy as np
-
 from edgecells.edge.errors import EdgecellsError
+from edgecells.edge.latency import STAGES, Histogram, LatencyStats, peak_rss_mb, rss_mb
+from edgecells.edge.session import Session
+from edgecells.edge.sources import open_source
 
-STAGES = ("capture", "stain", "detect", "crop", "inference", "aggregate")
-_LO_MS = 1e-3
-_HI_MS = 1e5
-_RATIO = 1.01
-_NBINS = int(math.ceil(math.log(_HI_MS / _LO_MS) / math.log(_RATIO))) + 2
-
-
-class Histogram:
-    """Streaming log-histogram of durations in milliseconds."""
-
-    def __init__(self) -> None:
-        self.counts = np.zeros(_NBINS, dtype=np.int64)
-        self.n = 0
-        self.total = 0.0
-        self.max = 0.0
-
-    def add(self, ms: float) -> None:
-        if ms <= _LO_MS:
-            b = 0
-        else:
-            b = min(_NBINS - 1, 1 + int(math.log(ms / _LO_MS) / math.log(_RATIO)))
-        self.counts[b] += 1
-        self.n += 1
-        self.total += ms
-        self.max = max(self.max, ms)
-
-    def percentile(self, q: float) -> float:
-        if self.n == 0:
-            return 0.0
-        rank = max(1, int(math.ceil(q / 100.0 * self.n)))
-        b = int(np.searchsorted(np.cumsum(self.counts), rank))
-        if b == 0:
-            return _LO_MS
-        # bin centre (geometric) of [LO*R^(b-1), LO*R^b)
-        return min(self.max, _LO_MS * _RATIO ** (b - 0.5))
-
-    @property
-    def mean(self) -> float:
-        return self.total / self.n if self.n else 0.0
-
-    def to_dict(self) -> dict[str, float]:
-        return {
-            "p50_ms": round(self.percentile(50), 4),
-            "p95_ms": round(self.percentile(95), 4),
-            "p99_ms": round(self.percentile(99), 4),
-            "mean_ms": round(self.mean, 4),
-            "n": self.n,
-        }
-
-
-class LatencyStats:
-    """Per-stage histograms plus one for the whole frame."""
-
-    def __init__(self, stages: tuple[str, ...] = STAGES) -> None:
-        self.stages = {s: Histogram() for s in stages}
-        self.frame = Histogram()
-        self.per_cell = Histogram()  # inference ms per cell
-
-    def add(self, stage: str, ms: float) -> None:
-        self.stages[stage].add(ms)
-
-    @contextmanager
-    def time(self, stage: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.add(stage, (time.perf_counter() - t0) * 1000.0)
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {s: h.to_dict() for s, h in self.stages.items()}
-        d["frame"] = self.frame.to_dict()
-        d["inference_per_cell"] = self.per_cell.to_dict()
-        return d
-
-
-def rss_mb() -> float:
-    """Current resident memory of this process in MiB (Linux /proc; else peak)."""
-    try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return peak_rss_mb()
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MiB."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+__all__ = ["STAGES", "Histogram", "LatencyStats", "peak_rss_mb", "profile_run", "rss_mb"]
 
 
 def profile_run(
@@ -125,9 +27,6 @@ def profile_run(
 
     ``rss_every`` > 0 samples the resident memory every that many frames (``rss_mb``
     series in the result, to check that memory stays flat over long runs)."""
-    from edgecells.edge.session import Session
-    from edgecells.edge.sources import open_source
-
     sess = Session(cfg, bundle, classifier, out=None)
     src = open_source(cfg.session.source, cfg.camera)
     src.open()

@@ -6,7 +6,7 @@ The rule (configurable; values from ``config.toml [screening]`` or else the bund
 * Each classified cell gets the top-1 class of its probabilities. A cell whose top
   probability is below ``min_confidence`` is **unidentified**: counted and shown for
   review, never forced into a class. So is a cell whose class contradicts the detector's
-  kind (:func:`edgecells.edge.session.agree_with_detector`).
+  kind (:func:`edgecells.edge.pipeline.agree_with_detector`).
 * The differential counts the identified **nucleated** cells: every class except the
   non-nucleated ones (:data:`NON_NUCLEATED`, platelets). ``n`` is their number, ``k``
   how many fall in an abnormal class of the bundle's mapping; the abnormal fraction is
@@ -216,108 +216,3 @@ def decide(
         reason=reason,
         rule=asdict(rule),
     )
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-def classify_split(
-    bundle: Any, classifier: Any, data: Any, tick: Any = None, split: str = "test"
-) -> tuple[list[str], list[str]]:
-    """Predicted labels (``unidentified`` below the bundle's cut-off) and true labels of
-    the PBC images in ``split`` (``data/splits.csv``: path, label, split)."""
-    import csv
-    from pathlib import Path
-
-    from edgecells.edge.imageio import read_image
-    from edgecells.edge.preprocess import prepare_crop
-
-    root = Path(data)
-    sp = root / "splits.csv"
-    if not sp.is_file():
-        raise EdgecellsError(f"{root}: no splits.csv (expected the PBC data folder)")
-    with open(sp, newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("split") == split]
-    if not rows:
-        raise EdgecellsError(f"{sp}: no rows in split {split!r}")
-    target = bundle.load_stain_target()
-    norm = None
-    if target is not None:
-        from edgecells.edge.stain import ReinhardNormalizer
-
-        norm = ReinhardNormalizer(target)
-    rule = ScreeningRule.from_bundle(bundle.thresholds)
-    size = bundle.input_size
-    labels: list[str] = []
-    truth: list[str] = []
-    batch_n = 64
-    for i in range(0, len(rows), batch_n):
-        chunk = rows[i : i + batch_n]
-        batch = np.stack([prepare_crop(read_image(root / r["path"]), norm, size) for r in chunk])
-        probs = np.asarray(classifier.predict(batch), dtype=np.float32)
-        labels += label_cells(probs, bundle.classes, rule.min_confidence)
-        truth += [r["label"] for r in chunk]
-        if tick is not None:
-            tick(len(labels), len(rows))
-    return labels, truth
-
-
-def simulate(
-    bundle: Any,
-    cfg: Any,
-    labels: list[str],
-    truth: list[str],
-    slides: int,
-    cells: int,
-    fractions: Sequence[float],
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Simulated slides: ``cells`` nucleated cells drawn (with replacement) from the
-    classified test cells; normal slides hold normal cells only, abnormal slides
-    ``round(f * cells)`` abnormal cells. Returns flag counts and sensitivity/specificity."""
-    rng = np.random.default_rng(seed)
-    rule = ScreeningRule.from_bundle(bundle.thresholds, cfg.screening if cfg else None)
-    abnormal_set = set(bundle.abnormal_classes)
-    nucleated = [i for i, t in enumerate(truth) if t.lower() not in NON_NUCLEATED]
-    normal_idx = np.array([i for i in nucleated if truth[i] not in abnormal_set])
-    abn_idx = np.array([i for i in nucleated if truth[i] in abnormal_set])
-    if len(normal_idx) == 0 or len(abn_idx) == 0:
-        raise EdgecellsError("screening evaluation needs normal and abnormal test cells")
-    ab_flags = [c in abnormal_set for c in bundle.classes]
-    conditions = []
-    for f in [0.0, *fractions]:
-        k = int(round(f * cells))
-        flags = {POSITIVE: 0, NEGATIVE: 0, INSUFFICIENT: 0}
-        for _ in range(slides):
-            pick = np.concatenate(
-                [rng.choice(abn_idx, k), rng.choice(normal_idx, cells - k)]
-            ).astype(int)
-            t = Tally(bundle.classes, ab_flags)
-            for i in pick:
-                t.add(labels[i])
-            flags[t.result(rule).flag] += 1
-        row: dict[str, Any] = {
-            "name": "normal" if f == 0 else f"abnormal {f:.0%}",
-            "fraction": f,
-            "slides": slides,
-            **flags,
-        }
-        if f == 0:
-            row["specificity"] = flags[NEGATIVE] / slides
-        else:
-            row["sensitivity"] = flags[POSITIVE] / slides
-        conditions.append(row)
-    # per-cell rates on the test split (what the rule has to allow for)
-    n_norm = len(normal_idx)
-    fp = sum(labels[i] in abnormal_set for i in normal_idx) / n_norm
-    tp = sum(labels[i] in abnormal_set for i in abn_idx) / len(abn_idx)
-    return {
-        "cells_per_slide": cells,
-        "slides_per_condition": slides,
-        "seed": seed,
-        "rule": asdict(rule),
-        "cell_false_positive_rate": round(fp, 4),
-        "cell_sensitivity": round(tp, 4),
-        "unidentified_rate": round(sum(lbl == UNIDENTIFIED for lbl in labels) / len(labels), 4),
-        "conditions": conditions,
-    }

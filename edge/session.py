@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,11 +23,10 @@ from typing import Any
 import numpy as np
 
 from edgecells.edge.config import Config
-from edgecells.edge.detect import NUCLEATED, CellDetector, cut_crop
+from edgecells.edge.detect import NUCLEATED
 from edgecells.edge.errors import EdgecellsError
-from edgecells.edge.preprocess import prepare_crop
-from edgecells.edge.profiling import LatencyStats
-from edgecells.edge.quality import FrameQuality, QualityGate, QualityTally
+from edgecells.edge.pipeline import FrameResult, Pipeline
+from edgecells.edge.quality import QualityTally
 from edgecells.edge.report import (
     CELL_FIELDS,
     FRAME_FIELDS,
@@ -42,154 +40,12 @@ from edgecells.edge.report import (
     write_text_atomic,
 )
 from edgecells.edge.screening import (
-    NON_NUCLEATED,
     UNIDENTIFIED,
-    ScreeningRule,
     Tally,
-    label_cells,
 )
 from edgecells.edge.sources.base import Frame, SourceBase
 
 log = logging.getLogger("edgecells.session")
-
-
-@dataclass
-class FrameResult:
-    """What happened to one frame (for callers and tests)."""
-
-    index: int
-    status: str  # "ok" or "skip"
-    reason: str = ""
-    cells: list[dict[str, Any]] = field(default_factory=list)
-    red_cells: int = 0
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-def agree_with_detector(labels: list[str], kinds: list[str]) -> list[str]:
-    """A cell whose class contradicts what the detector found — a platelet-sized detection
-    called a nucleated class, or a nucleus called a platelet — is ``unidentified``
-    (counted and shown for review, kept out of the differential)."""
-    out = []
-    for label, kind in zip(labels, kinds):
-        if label != UNIDENTIFIED and (label.lower() in NON_NUCLEATED) != (kind != NUCLEATED):
-            label = UNIDENTIFIED
-        out.append(label)
-    return out
-
-
-class Pipeline:
-    """Frame -> classified cells, without any file output (used by screen and profile)."""
-
-    def __init__(self, cfg: Config, bundle: Any, classifier: Any) -> None:
-        self.cfg = cfg
-        self.bundle = bundle
-        self.classifier = classifier
-        self.classes: list[str] = list(bundle.classes)
-        self.abnormal_mask = np.asarray(bundle.abnormal_mask, dtype=bool)
-        self.rule = ScreeningRule.from_bundle(bundle.thresholds, cfg.screening)
-        self.detector = CellDetector(cfg.detect, cfg.camera.pixel_size_um)
-        self.gate = QualityGate(cfg.quality)
-        self.target = bundle.load_stain_target()
-        self.normalizer = None
-        if self.target is not None:
-            from edgecells.edge.stain import ReinhardNormalizer
-
-            self.normalizer = ReinhardNormalizer(self.target)
-        crop = bundle.crop or {}
-        side_um = float(crop.get("side_um", 0) or 0)
-        self.crop_px = int(round(side_um / cfg.camera.pixel_size_um)) if side_um > 0 else 0
-        self.min_side_factor = float(crop.get("min_side_factor", 1.0) or 1.0)
-        self.input_size = bundle.input_size
-        self.latency = LatencyStats()
-
-    def abnormal_names(self) -> set[str]:
-        return {c for c, a in zip(self.classes, self.abnormal_mask) if a}
-
-    def crop_side(self, w: int, h: int) -> int:
-        return max(self.crop_px, int(round(self.min_side_factor * max(w, h))), 8)
-
-    def process(self, frame: Frame) -> tuple[FrameResult, np.ndarray | None]:
-        """Run one frame (already captured; its capture time is added by the caller).
-
-        Returns the result and the crops (N, S, S, 3) that were classified."""
-        t: dict[str, float] = {}
-        res = FrameResult(frame.index, "skip")
-        if frame.image is None:
-            res.reason = "unreadable"
-            res.timings = t
-            return res, None
-        img = frame.image
-        if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
-            res.reason = "unreadable"
-            return res, None
-        p0 = time.perf_counter()
-        q = self.gate.check_pixels(img)
-        stats = None
-        if q.ok and self.normalizer is not None:
-            stats = self.normalizer.frame_stats(img)
-            q = self.gate.check_stain(q, stats, self.target)
-        p1 = time.perf_counter()
-        t["stain"] = (p1 - p0) * 1000
-        if not q.ok:
-            return self._skip(res, q, t), None
-        det = self.detector.detect(img)
-        p2 = time.perf_counter()
-        t["detect"] = (p2 - p1) * 1000
-        res.red_cells = det.red_cells
-        q = self.gate.check_cells(q, len(det.cells) + det.red_cells)
-        if not q.ok:
-            return self._skip(res, q, t), None
-        cells = det.cells
-        s = self.input_size
-        batch = np.empty((len(cells), s, s, 3), dtype=np.uint8)
-        sides = [self.crop_side(c.w, c.h) for c in cells]
-        src, norm = img, self.normalizer
-        if norm is not None and stats is not None and sum(x * x for x in sides) > img.size // 3:
-            # crops cover more pixels than the frame: transform the frame once and cut the
-            # crops from it (identical pixels: transform_crop equals the same region of
-            # the frame transformed with the same statistics; per-pixel, so reflection too)
-            src, norm = norm.normalize(img, stats).image, None
-        for i, c in enumerate(cells):
-            crop = cut_crop(src, c.cx, c.cy, sides[i])
-            batch[i] = prepare_crop(crop, norm, s, stats if norm is not None else None)
-        p3 = time.perf_counter()
-        t["crop"] = (p3 - p2) * 1000
-        if len(cells):
-            probs = np.asarray(self.classifier.predict(batch), dtype=np.float32)
-        else:
-            probs = np.zeros((0, len(self.classes)), dtype=np.float32)
-        p4 = time.perf_counter()
-        t["inference"] = (p4 - p3) * 1000
-        labels = agree_with_detector(
-            label_cells(probs, self.classes, self.rule.min_confidence), [c.kind for c in cells]
-        )
-        conf = probs.max(axis=1) if len(probs) else np.zeros(0)
-        p_ab = probs[:, self.abnormal_mask].sum(axis=1) if len(probs) else np.zeros(0)
-        for i, c in enumerate(cells):
-            side = sides[i]
-            res.cells.append(
-                {
-                    "frame": frame.index,
-                    "cell": i,
-                    "x": int(round(c.cx - side / 2)),
-                    "y": int(round(c.cy - side / 2)),
-                    "w": side,
-                    "h": side,
-                    "kind": c.kind,
-                    "label": labels[i],
-                    "confidence": float(conf[i]),
-                    "p_abnormal": float(p_ab[i]),
-                }
-            )
-        res.status = "ok"
-        res.timings = t
-        return res, batch
-
-    def _skip(self, res: FrameResult, q: FrameQuality, t: dict[str, float]) -> FrameResult:
-        res.reason = str(q.failed)
-        res.timings = t
-        log.info("frame %d skipped: %s (%s)", res.index, q.failed, q.detail)
-        return res
 
 
 class Session:

@@ -9,17 +9,10 @@ import pytest
 from conftest import shared_data_path
 
 from edgecells.edge.config import DetectConfig
-from edgecells.edge.detect import (
-    NUCLEATED,
-    PLATELET,
-    CellDetector,
-    DetectionScore,
-    cut_crop,
-    match_centres,
-    read_voc,
-)
+from edgecells.edge.detect import NUCLEATED, PLATELET, CellDetector, cut_crop
 from edgecells.edge.errors import EdgecellsError
 from edgecells.edge.imageio import list_images, read_image
+from edgecells.training.detection import DetectionScore, match_centres, read_voc
 
 FIX = Path(__file__).parent / "fixtures" / "bccd"
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgecells.convert.selftest import make_selftest
 from edgecells.edge import doctor as doc
 from edgecells.edge.sdnotify import ServiceHooks, StopRequested, notify, watchdog_interval_s
 
@@ -90,7 +91,7 @@ def test_selftest_passes_then_catches_a_wrong_label(tmp_path: Path) -> None:
     b = load_bundle(bundle)
     files = sorted(PBC.rglob("*.jpg"))
     crops = [prepare_crop(read_image(p), None, b.input_size) for p in files]
-    entry = doc.make_selftest(bundle, crops, min_margin=0.0, per_class=2)
+    entry = make_selftest(bundle, crops, min_margin=0.0, per_class=2)
     assert entry["samples"] and all((bundle / s["path"]).is_file() for s in entry["samples"])
     b = load_bundle(bundle)  # the manifest is still valid and its files still verify
     with open_classifier(b, "auto") as clf:
@@ -114,7 +115,7 @@ def test_selftest_needs_a_margin(tmp_path: Path) -> None:
     bundle = tmp_path / "bundle"
     shutil.copytree(TINY, bundle)
     with pytest.raises(Exception, match="margin"):
-        doc.make_selftest(bundle, [np.zeros((32, 32, 3), np.uint8)], min_margin=2.0)
+        make_selftest(bundle, [np.zeros((32, 32, 3), np.uint8)], min_margin=2.0)
     assert not (bundle / "selftest").exists()
 
 

@@ -9,8 +9,8 @@ import pytest
 from conftest import FIXTURES
 from typer.testing import CliRunner
 
-from edgecells.calibration.evaluate import evaluate_classifier, plot_evaluation
 from edgecells.edge.mappings import load_mapping
+from edgecells.training.evaluate import evaluate_classifier, plot_evaluation
 
 PBC = FIXTURES / "pbc"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 BLOCKER = textwrap.dedent(
     """
@@ -61,23 +62,77 @@ def test_cli_starts_without_tensorflow() -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-def test_edge_does_not_import_host_packages() -> None:
-    """edge/ is the core: it imports nothing from calibration/, convert/ or the CLI."""
-    from pathlib import Path
+# Imports point one way: CLI -> convert -> training -> calibration -> edge (DESIGN.md).
+LAYERS = ["edge", "calibration", "training", "convert"]
+PACKAGE_OF = {
+    "edge": "edgecells.edge",
+    "calibration": "edgecells.calibration",
+    "training": "edgecells.training",
+    "convert": "edgecells.convert",
+}
 
-    root = Path(__file__).resolve().parents[1] / "edge"
+
+def _imported_modules(path: Path) -> set[str]:
+    import ast
+
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return names
+
+
+def test_imports_point_one_way() -> None:
+    """A layer imports only the layers below it (lazy imports inside functions count)."""
+    root = Path(__file__).resolve().parents[1]
     offenders = []
-    for f in root.rglob("*.py"):
-        text = f.read_text()
-        for bad in (
-            "edgecells.calibration",
-            "edgecells.convert",
+    for i, layer in enumerate(LAYERS):
+        forbidden = [PACKAGE_OF[x] for x in LAYERS[i + 1 :]] + [
             "edgecells.cli",
             "edgecells.commands",
-        ):
-            if bad in text:
-                offenders.append(f"{f.name}: {bad}")
+        ]
+        for f in (root / layer).rglob("*.py"):
+            for mod in _imported_modules(f):
+                if any(mod == b or mod.startswith(b + ".") for b in forbidden):
+                    offenders.append(f"{f.relative_to(root)}: {mod}")
     assert not offenders, offenders
+
+
+def test_no_import_cycles_between_modules() -> None:
+    """No two modules import each other, directly or through a chain (module-level and
+    lazy imports alike)."""
+    root = Path(__file__).resolve().parents[1]
+    graph: dict[str, set[str]] = {}
+    for layer, pkg in PACKAGE_OF.items():
+        for f in (root / layer).rglob("*.py"):
+            rel = f.relative_to(root / layer).with_suffix("")
+            parts = [p for p in rel.parts if p != "__init__"]
+            name = ".".join([pkg, *parts])
+            graph[name] = set()
+            for mod in _imported_modules(f):
+                graph[name].add(mod)
+    names = set(graph)
+    edges = {n: {m for m in deps if m in names and m != n} for n, deps in graph.items()}
+    # packages (__init__) re-export their children: ignore parent -> child edges
+    edges = {n: {m for m in d if not m.startswith(n + ".")} for n, d in edges.items()}
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    def visit(n: str, stack: list[str]) -> None:
+        state[n] = 1
+        for m in sorted(edges[n]):
+            if state.get(m) == 1:
+                cycles.append(stack[stack.index(m) :] + [m] if m in stack else [n, m])
+            elif m not in state:
+                visit(m, [*stack, m])
+        state[n] = 2
+
+    for n in sorted(edges):
+        if n not in state:
+            visit(n, [n])
+    assert not cycles, cycles
 
 
 def test_python_m_edgecells_version() -> None:

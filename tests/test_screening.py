@@ -118,7 +118,7 @@ def _fake_bundle(fpr: float = 0.0):
 
 
 def test_simulated_slides_perfect_and_noisy_classifier() -> None:
-    from edgecells.edge.screening import simulate
+    from edgecells.training.slides import simulate
 
     truth = ["ig"] * 50 + ["erythroblast"] * 50 + ["neutrophil"] * 300 + ["lymphocyte"] * 100
     truth += ["platelet"] * 40
@@ -180,7 +180,7 @@ def test_evaluate_screening_command_on_fixtures(tmp_path) -> None:  # noqa: ANN0
 
 
 def test_detector_and_classifier_must_agree_on_the_kind() -> None:
-    from edgecells.edge.session import agree_with_detector
+    from edgecells.edge.pipeline import agree_with_detector
 
     labels = ["eosinophil", "platelet", "platelet", "ig", UNIDENTIFIED]
     kinds = ["platelet", "nucleated", "platelet", "nucleated", "platelet"]

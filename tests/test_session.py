@@ -218,7 +218,7 @@ def test_cli_screen_json_and_errors(bundle_dir: Path, tmp_path: Path) -> None:
 def device_crops():  # noqa: ANN201
     """Crops the pipeline cuts from the fixture frames, with the reference bundle."""
     from edgecells.edge.bundle import default_bundle_path
-    from edgecells.edge.session import Pipeline
+    from edgecells.edge.pipeline import Pipeline
 
     if not (default_bundle_path() / "manifest.json").is_file():
         pytest.skip("the reference bundle is not shipped in this checkout")

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from conftest import FIXTURES
 
-from edgecells.calibration.model import ArchConfig, build_classifier, count_flops
-from edgecells.calibration.train import TrainConfig, make_train_dataset, train
 from edgecells.edge.errors import EdgecellsError
 from edgecells.edge.stain import StainTarget
+from edgecells.training.model import ArchConfig, build_classifier, count_flops
+from edgecells.training.train import TrainConfig, make_train_dataset, train
 
 TINY = ArchConfig(stem_channels=8, blocks=((1, 8, 1, 1), (2, 16, 1, 2)), head_channels=32)
 

@@ -294,17 +294,15 @@ def evaluate_detector(
 ) -> None:
     """Score the cell detector against Pascal VOC boxes (centre-in-box, one-to-one)."""
     from edgecells.edge.config import load_config
-    from edgecells.edge.detect import (
-        NUCLEATED,
-        PLATELET,
+    from edgecells.edge.detect import NUCLEATED, PLATELET, CellDetector
+    from edgecells.edge.imageio import list_images, read_image
+    from edgecells.training.detection import (
         VOC_PLATELETS,
         VOC_WBC,
-        CellDetector,
         DetectionScore,
         match_centres,
         read_voc,
     )
-    from edgecells.edge.imageio import list_images, read_image
 
     cfg = load_config(config)
     det = CellDetector(cfg.detect, cfg.camera.pixel_size_um)
@@ -368,7 +366,7 @@ def evaluate_screening(
     fraction from erythroblast/IG). Specificity = NEGATIVE / normal slides and sensitivity
     = POSITIVE / abnormal slides (an INSUFFICIENT slide counts against both).
     """
-    from edgecells.edge.screening import classify_split, simulate
+    from edgecells.training.slides import classify_split, simulate
 
     try:
         fr = [float(x) for x in fractions.split(",") if x.strip()]

@@ -80,8 +80,8 @@ def train_cmd(
 ) -> None:
     """Train the cell classifier from scratch; best epoch (val accuracy) kept."""
     _quiet_tf()
-    from edgecells.calibration.train import TrainConfig, TrainProgress, train
     from edgecells.edge.mappings import load_mapping
+    from edgecells.training.train import TrainConfig, TrainProgress, train
 
     cfg = TrainConfig(
         size=size,
@@ -159,7 +159,7 @@ def evaluate_classifier_cmd(
 ) -> None:
     """Accuracy, balanced accuracy, abnormal AUC/sensitivity/specificity, per class."""
     _quiet_tf()
-    from edgecells.calibration.evaluate import evaluate_classifier, plot_evaluation
+    from edgecells.training.evaluate import evaluate_classifier, plot_evaluation
 
     with _progress(disable=as_json) as bar:
         task = bar.add_task(f"preprocess {split}", total=None)

@@ -36,11 +36,11 @@ from edgecells.calibration.datasets import (
     load_dataset,
     load_split,
 )
-from edgecells.calibration.model import ARCH_NAME, ArchConfig, build_classifier, model_summary
 from edgecells.edge.errors import EdgecellsError
 from edgecells.edge.mappings import ClassMapping, load_mapping
 from edgecells.edge.metrics import choose_operating_point, evaluate_probabilities
 from edgecells.edge.preprocess import PREPROCESS_VERSION
+from edgecells.training.model import ARCH_NAME, ArchConfig, build_classifier, model_summary
 
 TARGET_FILE = "target.json"
 MAPPING_FILE = "mapping.json"

@@ -1,0 +1,1 @@
+"""edgecells.training: host-side model, training and evaluation (classifier, detector, slides)."""
