@@ -70,6 +70,12 @@ Keys (section, key = default: meaning)::
     confidence = -1.0        # one-sided confidence that the fraction exceeds the threshold
     min_confidence = -1.0    # top-probability cut-off below which a cell is "unidentified"
     false_positive_rate = -1.0  # classifier's per-cell normal->abnormal rate
+    ood_threshold = -1.0     # out-of-distribution score (1 - calibrated top probability)
+                             # above which a cell is "unidentified" (bundle:
+                             # thresholds.ood.threshold, fitted on validation data)
+    domain_check = true      # REVIEW when the slide's stain, scale or focus lies outside
+                             # the bundle's thresholds.domain ranges; false only for a
+                             # bundle adapted to this microscope whose ranges are stale
 """
 
 from __future__ import annotations
@@ -151,6 +157,8 @@ class ScreeningConfig:
     confidence: float = -1.0
     min_confidence: float = -1.0
     false_positive_rate: float = -1.0
+    ood_threshold: float = -1.0
+    domain_check: bool = True
 
 
 @dataclass
@@ -220,6 +228,7 @@ def _validate(cfg: Config, name: str) -> None:
         ),
         (c.screening.min_confidence < 1, "screening.min_confidence must be < 1"),
         (c.screening.false_positive_rate < 1, "screening.false_positive_rate must be < 1"),
+        (c.screening.ood_threshold <= 1, "screening.ood_threshold must be <= 1"),
     ]
     for ok, msg in checks:
         if not ok:

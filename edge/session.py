@@ -25,6 +25,7 @@ import numpy as np
 from edgecells.edge.config import Config
 from edgecells.edge.detect import NUCLEATED
 from edgecells.edge.errors import EdgecellsError
+from edgecells.edge.ood import DomainCheck
 from edgecells.edge.pipeline import FrameResult, Pipeline
 from edgecells.edge.quality import QualityTally
 from edgecells.edge.report import (
@@ -67,6 +68,8 @@ class Session:
         self.classes = self.pipe.classes
         abnormal = list(self.pipe.abnormal_mask)
         self.tally = Tally(self.classes, abnormal)
+        domain = bundle.thresholds.get("domain") if cfg.screening.domain_check else None
+        self.domain = DomainCheck(dict(domain or {}))
         self.quality = QualityTally()
         self.frames = 0
         self.next_index = 0
@@ -210,6 +213,8 @@ class Session:
                 self.quality.failed[res.reason] += 1
             return
         self.quality.passed += 1
+        self.domain.add_frame(res.stain_mean)
+        self.domain.add_cells(res.focus)
         abnormal_names = self.pipe.abnormal_names()
         for i, c in enumerate(res.cells):
             self.tally.add(c["label"])
@@ -261,8 +266,20 @@ class Session:
 
     # ------------------------------------------------------------------ results
     def summary(self, final: bool = True) -> dict[str, Any]:
-        r = self.tally.result(self.pipe.rule)
+        px = self.cfg.camera.pixel_size_um
+        est = self.info.get("pixel_size_estimate_um")  # a session that estimates it
+        if isinstance(est, int | float) and est > 0:
+            self.domain.pixel_size_estimate_um = float(est)
+        reasons = self.domain.verdict(px)
+        r = self.tally.result(self.pipe.rule, reasons)
         d = r.to_dict()
+        d["screening"] = {
+            "flag": r.flag,
+            "reason": r.reason,
+            "domain": self.domain.measurements(px),
+            "domain_reasons": reasons,
+            "unidentified_fraction": round(r.unidentified_fraction, 4),
+        }
         d["frames"] = self.frames
         d["quality"] = self.quality.to_dict()
         d["red_cells"] = self.red_cells

@@ -14,10 +14,11 @@ import numpy as np
 
 from edgecells.edge.errors import EdgecellsError
 from edgecells.edge.screening import (
-    INSUFFICIENT,
+    FLAGS,
     NEGATIVE,
     NON_NUCLEATED,
     POSITIVE,
+    REVIEW,
     UNIDENTIFIED,
     ScreeningRule,
     Tally,
@@ -28,8 +29,8 @@ from edgecells.edge.screening import (
 def classify_split(
     bundle: Any, classifier: Any, data: Any, tick: Any = None, split: str = "test"
 ) -> tuple[list[str], list[str]]:
-    """Predicted labels (``unidentified`` below the bundle's cut-off) and true labels of
-    the PBC images in ``split`` (``data/splits.csv``: path, label, split)."""
+    """Predicted labels (the device's rule: temperature, OOD threshold, ``min_confidence``)
+    and true labels of the PBC images in ``split`` (``data/splits.csv``)."""
     import csv
     from pathlib import Path
 
@@ -59,7 +60,9 @@ def classify_split(
         chunk = rows[i : i + batch_n]
         batch = np.stack([prepare_crop(read_image(root / r["path"]), norm, size) for r in chunk])
         probs = np.asarray(classifier.predict(batch), dtype=np.float32)
-        labels += label_cells(probs, bundle.classes, rule.min_confidence)
+        labels += label_cells(
+            probs, bundle.classes, rule.min_confidence, rule.temperature, rule.ood_threshold
+        )
         truth += [r["label"] for r in chunk]
         if tick is not None:
             tick(len(labels), len(rows))
@@ -77,10 +80,18 @@ def simulate(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Simulated slides: ``cells`` nucleated cells drawn (with replacement) from the
-    classified test cells; normal slides hold normal cells only, abnormal slides
-    ``round(f * cells)`` abnormal cells. Returns flag counts and sensitivity/specificity."""
+    classified cells; normal slides hold normal cells only, abnormal slides
+    ``round(f * cells)`` abnormal cells. Returns flag counts, specificity (NEGATIVE /
+    normal slides), sensitivity (POSITIVE / abnormal slides) and the share of abnormal
+    slides flagged POSITIVE or REVIEW (sent to a person)."""
     rng = np.random.default_rng(seed)
     rule = ScreeningRule.from_bundle(bundle.thresholds, cfg.screening if cfg else None)
+    # the drawn cells are nucleated: as on the device (agree_with_detector), one the
+    # classifier calls a platelet is unidentified, not dropped from the slide
+    labels = [
+        UNIDENTIFIED if lbl.lower() in NON_NUCLEATED and t.lower() not in NON_NUCLEATED else lbl
+        for lbl, t in zip(labels, truth)
+    ]
     abnormal_set = set(bundle.abnormal_classes)
     nucleated = [i for i, t in enumerate(truth) if t.lower() not in NON_NUCLEATED]
     normal_idx = np.array([i for i in nucleated if truth[i] not in abnormal_set])
@@ -91,7 +102,7 @@ def simulate(
     conditions = []
     for f in [0.0, *fractions]:
         k = int(round(f * cells))
-        flags = {POSITIVE: 0, NEGATIVE: 0, INSUFFICIENT: 0}
+        flags = dict.fromkeys(FLAGS, 0)
         for _ in range(slides):
             pick = np.concatenate(
                 [rng.choice(abn_idx, k), rng.choice(normal_idx, cells - k)]
@@ -110,8 +121,9 @@ def simulate(
             row["specificity"] = flags[NEGATIVE] / slides
         else:
             row["sensitivity"] = flags[POSITIVE] / slides
+            row["positive_or_review"] = (flags[POSITIVE] + flags[REVIEW]) / slides
         conditions.append(row)
-    # per-cell rates on the test split (what the rule has to allow for)
+    # per-cell rates on this split (the rule's own were fitted on the validation split)
     n_norm = len(normal_idx)
     fp = sum(labels[i] in abnormal_set for i in normal_idx) / n_norm
     tp = sum(labels[i] in abnormal_set for i in abn_idx) / len(abn_idx)

@@ -5,6 +5,7 @@ documented in :mod:`edgecells.edge.bundle`."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -234,6 +235,75 @@ def _safe_relpath(rel: Any, where: str) -> str:
     return str(p)
 
 
+# --------------------------------------------------------------------------- value ranges
+
+# Values the device relies on: (dotted key, kind, low, high, required). kind "num" is a
+# finite number in [low, high], "int" an integer in [low, high], "num3" a list of three
+# finite numbers in [low, high]. A missing optional key takes the device's default.
+RANGE_CHECKS: tuple[tuple[str, str, float, float, bool], ...] = (
+    ("crop.side_um", "num", 1.0, 500.0, False),
+    ("crop.min_side_factor", "num", 0.5, 10.0, False),
+    ("crop.training_side_px", "int", 1, 100_000, False),
+    ("thresholds.min_confidence", "num", 0.0, 1.0, False),
+    ("thresholds.screening.min_cells", "int", 1, 1_000_000, False),
+    ("thresholds.screening.abnormal_fraction", "num", 0.0, 0.999, False),
+    ("thresholds.screening.confidence", "num", 0.5, 0.9999, False),
+    ("thresholds.screening.false_positive_rate", "num", 0.0, 0.999, False),
+    ("thresholds.screening.max_unidentified_fraction", "num", 0.0, 1.0, False),
+    ("thresholds.screening.unidentified_rate", "num", 0.0, 0.999, False),
+    ("thresholds.ood.temperature", "num", 0.05, 20.0, False),
+    ("thresholds.ood.threshold", "num", 0.0, 1.0, False),
+    ("thresholds.domain.stain_mean_lab.low", "num3", -200.0, 200.0, False),
+    ("thresholds.domain.stain_mean_lab.high", "num3", -200.0, 200.0, False),
+    ("thresholds.domain.input_focus.low", "num", 0.0, 1e7, False),
+    ("thresholds.domain.input_focus.high", "num", 0.0, 1e7, False),
+    ("thresholds.domain.max_scale_ratio", "num", 1.01, 10.0, False),
+)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_ranges(manifest: dict[str, Any], mpath: str) -> None:
+    """Every value of :data:`RANGE_CHECKS` present in ``manifest`` has its type and range
+    (NaN, infinities, strings and out-of-range numbers are a one-line error)."""
+    for key, kind, lo, hi, required in RANGE_CHECKS:
+        node: Any = manifest
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(node, dict):
+                raise EdgecellsError(f"{mpath}: {'.'.join(parts[:i])} must be an object")
+            if part not in node:
+                node = None
+                break
+            node = node[part]
+        if node is None:
+            if required:
+                raise EdgecellsError(f"{mpath}: missing {key}")
+            continue
+        if kind == "int":
+            ok = isinstance(node, int) and not isinstance(node, bool) and lo <= node <= hi
+            want = f"an integer in [{lo}, {hi}]"
+        elif kind == "num3":
+            ok = isinstance(node, list) and len(node) == 3
+            ok = ok and all(_is_num(v) and lo <= v <= hi for v in node)
+            want = f"a list of three numbers in [{lo:g}, {hi:g}]"
+        else:
+            ok = _is_num(node) and lo <= node <= hi
+            want = f"a number in [{lo:g}, {hi:g}]"
+        if not ok:
+            raise EdgecellsError(f"{mpath}: {key} must be {want}, got {node!r}")
+    dom = (manifest.get("thresholds") or {}).get("domain") or {}
+    for name in ("stain_mean_lab", "input_focus"):
+        r = dom.get(name)
+        if isinstance(r, dict) and "low" in r and "high" in r:
+            lo_, hi_ = r["low"], r["high"]
+            pairs = zip(lo_, hi_) if isinstance(lo_, list) else [(lo_, hi_)]
+            if any(a > b for a, b in pairs):
+                raise EdgecellsError(f"{mpath}: thresholds.domain.{name}: low above high")
+
+
 # --------------------------------------------------------------------------- parsing
 
 
@@ -380,6 +450,7 @@ def parse_manifest(manifest: Any, mpath: str = MANIFEST_NAME) -> dict[str, Any]:
         raise EdgecellsError(f"{mpath}: stain_normalization {method!r} but no stain_target")
     crop = _req(manifest, "crop", dict, mpath)
     thresholds = _req(manifest, "thresholds", dict, mpath)
+    check_ranges(manifest, mpath)
     models_raw = _req(manifest, "models", list, mpath)
     if not models_raw:
         raise EdgecellsError(f"{mpath}: bundle lists no models")
