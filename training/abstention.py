@@ -196,30 +196,25 @@ def _smallest_threshold(rate: float, confidence: float) -> float | None:
     return None
 
 
-def fit_thresholds(
-    bundle: Any,
-    val: SplitOutputs,
+def fit_rule(
+    probs: np.ndarray,
+    y: np.ndarray,
+    classes: Sequence[str],
+    ab_mask: np.ndarray,
+    base: ScreeningRule,
     target_unidentified: float = TARGET_UNIDENTIFIED,
-) -> dict[str, Any]:
-    """Everything the device's abstention and flag need, from the validation outputs.
-
-    Returns ``{"thresholds": {...}, "report": {...}}``: the thresholds replace the
-    bundle's ``ood``, ``domain`` and the fitted ``screening`` keys."""
-    classes = list(bundle.classes)
-    ab_mask = np.asarray(bundle.abnormal_mask, dtype=bool)
-    old = bundle.thresholds or {}
-    base = ScreeningRule.from_bundle(old)
-    probs, y = val.probs, val.y
+) -> tuple[ScreeningRule, dict[str, Any]]:
+    """Temperature, OOD threshold, per-cell rates and decision thresholds from labelled
+    validation outputs (``probs`` the model's raw probabilities, ``y`` class indices)."""
+    classes = list(classes)
     t = fit_temperature(probs, y)
     cal = calibrate(probs, t)
-    ece_before = expected_calibration_error(probs, y)
-    ece_after = expected_calibration_error(cal, y)
     # OOD threshold: the score (1 - calibrated top) of the known validation cells at the
     # (1 - target) quantile: that share of known cells becomes unidentified
     score = 1.0 - cal.max(axis=1)
     ood_t = float(np.quantile(score, 1.0 - target_unidentified, method="higher"))
     ood_t = round(min(max(ood_t, 0.0), 1.0), 6)
-    min_conf = float(old.get("min_confidence", 0.5))
+    min_conf = base.min_confidence
     labels = label_cells(probs, classes, min_conf, t, ood_t)
     nucleated = np.array([classes[k].lower() not in NON_NUCLEATED for k in y])
     # a nucleated cell called a platelet is unidentified on the device (agree_with_detector)
@@ -237,9 +232,8 @@ def fit_thresholds(
     # the rule allows for the one-sided upper confidence bound of each per-cell rate, not
     # the point estimate: a validation split of ~1,000 normal cells pins a 1.5% rate only
     # to about +-0.7 points, and an optimistic rate costs specificity on new slides
-    conf_b = base.confidence
-    fpr = wilson_upper(int(lab_ab[normal].sum()), int(normal.sum()), conf_b)
-    u_rate = wilson_upper(int(unid[nucleated].sum()), int(nucleated.sum()), conf_b)
+    fpr = wilson_upper(int(lab_ab[normal].sum()), int(normal.sum()), base.confidence)
+    u_rate = wilson_upper(int(unid[nucleated].sum()), int(nucleated.sum()), base.confidence)
     # decision thresholds: the smallest candidate for which a normal slide of 100 and
     # of 200 cells, whose cells err at the upper-bound rate, stays below the decision
     # fraction with probability >= MIN_FIT_SPECIFICITY (exact binomial sum)
@@ -251,6 +245,58 @@ def fit_thresholds(
             f"NEGATIVE {MIN_FIT_SPECIFICITY:.1%} of the time (per-cell false-positive rate "
             f"{fpr:.1%}, unidentified {u_rate:.1%})"
         )
+    rule = ScreeningRule(
+        min_cells=base.min_cells,
+        threshold=chosen_t,
+        confidence=base.confidence,
+        min_confidence=min_conf,
+        false_positive_rate=round(fpr, 5),
+        temperature=t,
+        ood_threshold=ood_t,
+        max_unidentified_fraction=chosen_u,
+        unidentified_rate=round(u_rate, 5),
+    )
+    report = {
+        "temperature": t,
+        "ece_before": round(expected_calibration_error(probs, y), 4),
+        "ece_after": round(expected_calibration_error(cal, y), 4),
+        "nll_before": round(nll(probs, y, 1.0), 4),
+        "nll_after": round(nll(probs, y, t), 4),
+        "ood_threshold": ood_t,
+        "unidentified_rate": round(u_obs, 4),
+        "unidentified_rate_upper": round(u_rate, 4),
+        "false_positive_rate": round(fpr_obs, 4),
+        "false_positive_rate_upper": round(fpr, 4),
+        "per_cell_sensitivity": None if sens is None else round(sens, 4),
+        "abnormal_fraction": chosen_t,
+        "max_unidentified_fraction": chosen_u,
+        "prob_floor": PROB_FLOOR,
+    }
+    return rule, report
+
+
+def fit_thresholds(
+    bundle: Any,
+    val: SplitOutputs,
+    target_unidentified: float = TARGET_UNIDENTIFIED,
+) -> dict[str, Any]:
+    """Everything the device's abstention and flag need, from the validation outputs.
+
+    Returns ``{"thresholds": {...}, "report": {...}}``: the thresholds replace the
+    bundle's ``ood``, ``domain`` and the fitted ``screening`` keys."""
+    old = bundle.thresholds or {}
+    base = ScreeningRule.from_bundle(old)
+    rule, rep = fit_rule(
+        val.probs,
+        val.y,
+        bundle.classes,
+        np.asarray(bundle.abnormal_mask, dtype=bool),
+        base,
+        target_unidentified,
+    )
+    t, ood_t, min_conf = rule.temperature, rule.ood_threshold, rule.min_confidence
+    chosen_t, chosen_u = rule.threshold, rule.max_unidentified_fraction
+    fpr, u_rate, conf_b = rule.false_positive_rate, rule.unidentified_rate, rule.confidence
     # domain ranges: per-image values of the validation split
     st = val.stain_mean[np.isfinite(val.stain_mean).all(axis=1)]
     lo, hi = np.percentile(st, 0.5, axis=0), np.percentile(st, 99.5, axis=0)
@@ -298,23 +344,7 @@ def fit_thresholds(
             "fitted_on": val.source,
         },
     }
-    report = {
-        "data": val.source,
-        "temperature": t,
-        "ece_before": round(ece_before, 4),
-        "ece_after": round(ece_after, 4),
-        "nll_before": round(nll(probs, y, 1.0), 4),
-        "nll_after": round(nll(probs, y, t), 4),
-        "ood_threshold": ood_t,
-        "unidentified_rate": round(u_obs, 4),
-        "unidentified_rate_upper": round(u_rate, 4),
-        "false_positive_rate": round(fpr_obs, 4),
-        "false_positive_rate_upper": round(fpr, 4),
-        "per_cell_sensitivity": None if sens is None else round(sens, 4),
-        "abnormal_fraction": chosen_t,
-        "max_unidentified_fraction": chosen_u,
-        "prob_floor": PROB_FLOOR,
-    }
+    report = {"data": val.source, **rep}
     return {"thresholds": thresholds, "report": report}
 
 
