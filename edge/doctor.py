@@ -28,7 +28,6 @@ file). :func:`make_selftest` writes them.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -206,8 +205,15 @@ def run_selftest(bundle: Any, classifier: Any) -> tuple[str, str, str]:
         )
     root = Path(bundle.root)
     crops, expected = [], []
-    for s in entry["samples"]:
-        p = root / str(s.get("path", ""))
+    # paths come from the parsed manifest (plain relative paths inside the bundle; links
+    # and escapes were refused when the bundle loaded)
+    files = getattr(bundle, "selftest", ()) or ()
+    if len(files) != len(entry["samples"]):
+        return FAIL, "self-test entry of the manifest was not checked", "reinstall the bundle"
+    for s, fe in zip(entry["samples"], files):
+        p = root / fe.path
+        if p.is_symlink() or not p.resolve().is_relative_to(root.resolve()):
+            return FAIL, f"{p}: self-test sample is a link or outside the bundle", "reinstall"
         if not p.is_file():
             return FAIL, f"{p}: self-test sample missing", "reinstall the bundle"
         if sha256_file(p) != s.get("sha256"):
@@ -533,4 +539,6 @@ def run_doctor(
 
 
 def report_json(report: Report) -> str:
-    return json.dumps(report.to_dict(), indent=2)
+    from edgecells.edge.jsonsafe import dumps
+
+    return dumps(report.to_dict(), indent=2)
