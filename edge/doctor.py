@@ -235,6 +235,35 @@ def run_selftest(bundle: Any, classifier: Any) -> tuple[str, str, str]:
     return OK, f"{len(got)} of {len(got)} sample cells got their expected label ({backend})", ""
 
 
+def check_signature(report: Report, bundle: Any, cfg: Any) -> bool:
+    """The signature policy (config ``[bundle] trusted_keys``, ``$EDGECELLS_TRUSTED_KEYS``);
+    False when the bundle is refused."""
+    from edgecells.edge.bundle.signing import check_bundle as check_sig
+
+    try:
+        res = check_sig(bundle, cfg.bundle.trusted_keys)
+    except EdgecellsError as exc:
+        report.add(
+            "signature",
+            FAIL,
+            str(exc),
+            "install a bundle signed by a key this device trusts (edgecells bundle sign), "
+            "or go back: edgecells-update-bundle --rollback",
+        )
+        return False
+    if res.status == "verified":
+        report.add("signature", OK, f"{res.message} ({res.key_file})")
+    else:
+        report.add(
+            "signature",
+            WARN,
+            res.message,
+            "install trusted public keys in /etc/edgecells/trusted-keys to refuse unsigned "
+            "bundles",
+        )
+    return True
+
+
 def check_bundle(
     report: Report,
     bundle_path: str | None,
@@ -262,6 +291,8 @@ def check_bundle(
         OK,
         f"{b.name}: {len(b.models)} models, {len(b.classes)} classes, hashes verified ({b.root})",
     )
+    if not check_signature(report, b, cfg):
+        return
     precision = "int8" if b.formats("int8") else "float32"
     try:
         clf = open_classifier(b, cfg.inference.backend, cfg.inference.threads, precision=precision)

@@ -73,6 +73,18 @@ RANGES: list[Range] = [
 ]
 
 
+def _no_nonfinite(obj: Any, mpath: str, path: str = "") -> None:
+    """NaN and Infinity are not JSON; anywhere in a manifest they are refused."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        raise EdgecellsError(f"{mpath}: {path or 'value'} is {obj!r} (not a number JSON allows)")
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _no_nonfinite(v, mpath, f"{path}.{k}" if path else str(k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _no_nonfinite(v, mpath, f"{path}[{i}]")
+
+
 def _lookup(d: dict[str, Any], path: str) -> tuple[bool, Any]:
     cur: Any = d
     for part in path.split("."):
@@ -506,6 +518,7 @@ def parse_manifest(manifest: Any, mpath: str = MANIFEST_NAME) -> dict[str, Any]:
     if screening is not None and not isinstance(screening, dict):
         raise EdgecellsError(f"{mpath}: thresholds.screening must be an object")
     check_ranges(manifest, mpath)
+    _no_nonfinite(manifest, mpath)
     models_raw = _req(manifest, "models", list, mpath)
     if not models_raw:
         raise EdgecellsError(f"{mpath}: bundle lists no models")
@@ -572,8 +585,10 @@ def read_manifest_bytes(root: Path) -> bytes:
 
 
 def decode_manifest(data: bytes, mpath: str | os.PathLike[str]) -> Any:
+    """JSON of a manifest. NaN/Infinity are parsed here so that parse_manifest can name
+    the key that holds one (and refuse it)."""
     try:
-        return loads_strict(data.decode("utf-8"))
+        return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise EdgecellsError(f"{mpath}: not valid JSON ({exc})") from None
 
