@@ -258,8 +258,7 @@ def check_signature(report: Report, bundle: Any, cfg: Any) -> bool:
             "signature",
             WARN,
             res.message,
-            "install trusted public keys in /etc/edgecells/trusted-keys to refuse unsigned "
-            "bundles",
+            "install trusted public keys in /etc/edgecells/trusted-keys to refuse unsigned bundles",
         )
     return True
 
