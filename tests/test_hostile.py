@@ -302,6 +302,20 @@ def test_bad_manifest_value_is_one_line_in_screen_and_fails_doctor(
     assert any(c["status"] == "FAIL" and "crop.side_um" in c["detail"] for c in rep["checks"])
 
 
+def test_bad_manifest_value_is_refused_by_update_bundle(bundle_dir: Path, tmp_path: Path) -> None:
+    b = copy_bundle(bundle_dir, tmp_path / "b")
+    edit_manifest(b, lambda m: m["thresholds"].update(min_confidence=2.0))
+    root = tmp_path / "root"
+    proc = subprocess.run(
+        ["bash", FW / "update-bundle.sh", "--root", root, "--python", sys.executable, b],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 1 and len(errors) == 1, proc.stderr
+    assert "thresholds.min_confidence" in errors[0] and "Traceback" not in proc.stderr
+    assert not (root / "var/lib/edgecells/bundles/current").exists()
+
+
 def test_range_table_is_easy_to_extend(bundle_dir: Path) -> None:
     from edgecells.edge.bundle import RANGES, Range, check_ranges
 
