@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from edgecells.edge import jsonsafe
 from edgecells.edge.errors import EdgecellsError
 
 err = Console(stderr=True)
@@ -114,7 +114,7 @@ def train_cmd(
     _report_skipped(result.skipped)
     m = result.metrics
     if as_json:
-        print(json.dumps(m, indent=2))
+        print(jsonsafe.dumps(m, indent=2))
         return
     t = Table(title=f"{out_path} (best epoch {m['best_epoch']}, {m['seconds']:.0f} s)")
     t.add_column("split")
@@ -181,7 +181,7 @@ def evaluate_classifier_cmd(
         plot_evaluation(ev, plot)
     m = ev.metrics.to_dict()
     if as_json:
-        print(json.dumps(m, indent=2))
+        print(jsonsafe.dumps(m, indent=2))
         return
     t = Table(title=f"{model} on {data} [{split}], n={m['n']}")
     t.add_column("class")
@@ -237,9 +237,9 @@ def evaluate_openset_cmd(
         log=lambda m: err.print(m) if not as_json else None,
     )
     res = analyse_loco(files, target_unidentified)
-    (out_dir / "openset.json").write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+    (out_dir / "openset.json").write_text(jsonsafe.dumps(res, indent=2) + "\n", encoding="utf-8")
     if as_json:
-        typer.echo(json.dumps(res, indent=2))
+        typer.echo(jsonsafe.dumps(res, indent=2))
         return
     t = Table(title=f"Leave-one-class-out ({epochs} epochs each), PBC test split")
     for c in ("left out", "AUROC msp", "energy", "mahalanobis", "knn", "unidentified",
