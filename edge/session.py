@@ -389,6 +389,8 @@ class Session:
     def summary(self, final: bool = True) -> dict[str, Any]:
         px = self.cfg.camera.pixel_size_um
         est = self.info.get("pixel_size_estimate_um")  # a session that estimates it
+        if est is None and isinstance(self.info.get("pixel_size_estimate"), dict):
+            est = self.info["pixel_size_estimate"].get("pixel_size_um")
         if isinstance(est, int | float) and est > 0:
             self.domain.pixel_size_estimate_um = float(est)
         reasons = self.domain.verdict(px)

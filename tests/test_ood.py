@@ -226,3 +226,39 @@ def test_cli_refuses_bad_bundle_with_one_line(tmp_path: Path, cmd: str) -> None:
     assert proc.returncode != 0
     err = proc.stderr.strip() or proc.stdout.strip()
     assert "thresholds.min_confidence" in err and "Traceback" not in err
+
+
+def test_session_reports_flag_reason_and_domain_review(tmp_path: Path) -> None:
+    from runtime_bundle import make_bundle
+
+    from edgecells.edge.backends import open_classifier
+    from edgecells.edge.config import Config
+    from edgecells.edge.imageio import list_images, read_image
+    from edgecells.edge.session import Session
+    from edgecells.edge.sources import open_source
+    from edgecells.edge.stain import StainTarget
+
+    fixtures = Path(__file__).parent / "fixtures"
+    target = StainTarget.fit([read_image(p) for p in list_images(fixtures / "pbc")[:24]])
+    root = make_bundle(tmp_path / "tiny", stain_target=target.to_dict())
+    m = json.loads((root / "manifest.json").read_text())
+    m["thresholds"]["screening"]["min_cells"] = 1
+    m["thresholds"]["domain"] = {  # a stain range no BCCD frame falls in
+        "stain_mean_lab": {"low": [0.0, 60.0, 0.0], "high": [100.0, 90.0, 50.0]},
+    }
+    (root / "manifest.json").write_text(json.dumps(m))
+    b = load_bundle(root)
+    clf = open_classifier(b, "onnxruntime", 1, precision="float32")
+    out = tmp_path / "out"
+    sess = Session(Config(), b, clf, out=out)
+    src = open_source(str(fixtures / "bccd" / "JPEGImages"))
+    src.open()
+    try:
+        s = sess.run(src)
+    finally:
+        src.close()
+    assert s["flag"] == REVIEW == s["screening"]["flag"]
+    assert s["reason"].startswith("stain unlike the model's training data: a* ")
+    assert s["screening"]["domain"]["frames"] == 6
+    assert json.loads((out / "summary.json").read_text())["screening"]["reason"] == s["reason"]
+    assert "stain unlike the model" in (out / "report.html").read_text()

@@ -113,6 +113,8 @@ def screen(
         "threads": cfg.inference.threads,
         "pixel_size_um": cfg.camera.pixel_size_um,
     }
+    if cfg.screening.domain_check:
+        info.update(_pixel_size_estimate(cfg))
     # The source opens before anything is written: a missing camera or a wrong path
     # leaves no output behind to block the corrected rerun.
     src = open_source(cfg.session.source, cfg.camera)
@@ -362,6 +364,24 @@ def evaluate_detector(
     for name, s in (("white cells", wbc), ("platelets", plt)):
         t.add_row(name, f"{s.recall:.2%}", f"{s.precision:.2%}", str(s.n_true), str(s.n_pred))
     out.print(t)
+
+
+def _pixel_size_estimate(cfg: Any) -> dict[str, Any]:
+    """A pixel-size estimate from the source's red cells for the domain check (the flag
+    is REVIEW when the configured pixel size is off it), where this edgecells has the
+    estimator (edge/scale.py); {} when it has none or the estimate fails."""
+    try:
+        from edgecells.edge.scale import estimate_from_source  # type: ignore[import-not-found]
+    except ImportError:
+        return {}
+    try:
+        est = estimate_from_source(
+            cfg.session.source, cfg.camera, int(getattr(cfg.camera, "scale_frames", 10))
+        )
+    except Exception as exc:  # noqa: BLE001 - no estimate: the scale check is skipped
+        logging.getLogger("edgecells.screen").info("no pixel-size estimate: %s", exc)
+        return {}
+    return {"pixel_size_estimate_um": round(float(est.pixel_size_um), 5)}
 
 
 def evaluate_screening(
