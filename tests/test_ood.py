@@ -262,3 +262,34 @@ def test_session_reports_flag_reason_and_domain_review(tmp_path: Path) -> None:
     assert s["screening"]["domain"]["frames"] == 6
     assert json.loads((out / "summary.json").read_text())["screening"]["reason"] == s["reason"]
     assert "stain unlike the model" in (out / "report.html").read_text()
+
+
+def test_refit_refuses_too_little_validation_data(tmp_path: Path) -> None:
+    from edgecells.training.abstention import refit_bundle
+
+    dst = tmp_path / "b"
+    shutil.copytree(TINY, dst)
+    before = (dst / "manifest.json").read_text()
+    with pytest.raises(EdgecellsError, match="too few to fit"):
+        refit_bundle(dst, Path(__file__).parent / "fixtures" / "pbc")
+    assert (dst / "manifest.json").read_text() == before  # nothing half-written
+
+
+def test_shipped_bundle_thresholds_are_fitted_on_validation() -> None:
+    b = load_bundle()
+    th = b.thresholds
+    assert "val split" in th["screening"]["fitted_on"]
+    assert "val split" in th["ood"]["fitted_on"] and "test" not in th["ood"]["fitted_on"]
+    assert "operating_point" not in th and "per_cell_sensitivity" not in th["screening"]
+    rule = ScreeningRule.from_bundle(th)
+    assert rule.ood_threshold < 1 and rule.temperature != 1.0
+    assert b.thresholds["domain"]["stain_mean_lab"]["low"][0] < 60
+
+
+def test_evaluate_screening_refuses_other_splits(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgecells", "evaluate", "screening", "--data", str(tmp_path),
+         "--split", "train"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "--split must be val or test" in proc.stderr

@@ -34,6 +34,7 @@ TARGET_UNIDENTIFIED = 0.02  # share of known validation cells the OOD threshold 
 THRESHOLD_CANDIDATES = (0.01, 0.02, 0.03, 0.05, 0.08, 0.1)
 MIN_FIT_SPECIFICITY = 0.995  # normal slides of FIT_SLIDE_CELLS cells not flagged
 FIT_SLIDE_CELLS = (100, 200)
+MIN_FIT_CELLS = 100  # normal nucleated validation cells needed to fit the rates
 STAIN_MARGIN = 0.25  # widen the validation range by this share of its width per side
 FOCUS_FACTOR = 1.5  # focus range: [p1 / f, p99 * f]
 
@@ -226,6 +227,11 @@ def fit_rule(
     abn = nucleated & ab_mask[y]
     lab_ab = np.array([lbl != UNIDENTIFIED and ab_mask[classes.index(lbl)] for lbl in labels])
     unid = np.array([lbl == UNIDENTIFIED for lbl in labels])
+    if normal.sum() < MIN_FIT_CELLS:
+        raise EdgecellsError(
+            f"{int(normal.sum())} normal nucleated validation cells: too few to fit the flag's "
+            f"thresholds (need {MIN_FIT_CELLS})"
+        )
     fpr_obs = float(lab_ab[normal].mean()) if normal.any() else 0.0
     sens = float(lab_ab[abn].mean()) if abn.any() else None
     u_obs = float(unid[nucleated].mean()) if nucleated.any() else 0.0
@@ -239,7 +245,7 @@ def fit_rule(
     # fraction with probability >= MIN_FIT_SPECIFICITY (exact binomial sum)
     chosen_t = _smallest_threshold(fpr, base.confidence)
     chosen_u = _smallest_threshold(u_rate, base.confidence)
-    if chosen_t is None or chosen_u is None:
+    if chosen_t is None or chosen_u is None or max(fpr, u_rate) >= 0.5:
         raise EdgecellsError(
             f"no decision threshold up to {THRESHOLD_CANDIDATES[-1]} keeps normal slides "
             f"NEGATIVE {MIN_FIT_SPECIFICITY:.1%} of the time (per-cell false-positive rate "
