@@ -1,7 +1,8 @@
 """Simulated slides from labelled single-cell images (host-side evaluation of the flag).
 
 The flag rule itself lives in :mod:`edgecells.edge.screening` (it runs on the device);
-this module classifies a labelled split and draws slides from it.
+this module draws slides from a classified labelled split
+(:func:`edgecells.training.abstention.run_split` classifies it through the device path).
 """
 
 from __future__ import annotations
@@ -22,51 +23,7 @@ from edgecells.edge.screening import (
     UNIDENTIFIED,
     ScreeningRule,
     Tally,
-    label_cells,
 )
-
-
-def classify_split(
-    bundle: Any, classifier: Any, data: Any, tick: Any = None, split: str = "test"
-) -> tuple[list[str], list[str]]:
-    """Predicted labels (the device's rule: temperature, OOD threshold, ``min_confidence``)
-    and true labels of the PBC images in ``split`` (``data/splits.csv``)."""
-    import csv
-    from pathlib import Path
-
-    from edgecells.edge.imageio import read_image
-    from edgecells.edge.preprocess import prepare_crop
-
-    root = Path(data)
-    sp = root / "splits.csv"
-    if not sp.is_file():
-        raise EdgecellsError(f"{root}: no splits.csv (expected the PBC data folder)")
-    with open(sp, newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("split") == split]
-    if not rows:
-        raise EdgecellsError(f"{sp}: no rows in split {split!r}")
-    target = bundle.load_stain_target()
-    norm = None
-    if target is not None:
-        from edgecells.edge.stain import ReinhardNormalizer
-
-        norm = ReinhardNormalizer(target)
-    rule = ScreeningRule.from_bundle(bundle.thresholds)
-    size = bundle.input_size
-    labels: list[str] = []
-    truth: list[str] = []
-    batch_n = 64
-    for i in range(0, len(rows), batch_n):
-        chunk = rows[i : i + batch_n]
-        batch = np.stack([prepare_crop(read_image(root / r["path"]), norm, size) for r in chunk])
-        probs = np.asarray(classifier.predict(batch), dtype=np.float32)
-        labels += label_cells(
-            probs, bundle.classes, rule.min_confidence, rule.temperature, rule.ood_threshold
-        )
-        truth += [r["label"] for r in chunk]
-        if tick is not None:
-            tick(len(labels), len(rows))
-    return labels, truth
 
 
 def simulate(
