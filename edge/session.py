@@ -52,6 +52,7 @@ from edgecells.edge.report import (
     write_text_atomic,
 )
 from edgecells.edge.screening import (
+    INSUFFICIENT,
     UNIDENTIFIED,
     Tally,
 )
@@ -395,6 +396,12 @@ class Session:
             self.domain.pixel_size_estimate_um = float(est)
         reasons = self.domain.verdict(px)
         r = self.tally.result(self.pipe.rule, reasons)
+        skipped = sum(self.quality.failed.values()) + self.quality.unreadable
+        if r.flag == INSUFFICIENT and skipped:  # say why there were too few cells
+            why = ", ".join(f"{g} {k}" for g, k in self.quality.failed.items() if k)
+            if self.quality.unreadable:
+                why = ", ".join(x for x in (why, f"unreadable {self.quality.unreadable}") if x)
+            r.reason += f"; {skipped} of {self.frames} frames skipped ({why})"
         d = r.to_dict()
         d["screening"] = {
             "flag": r.flag,
