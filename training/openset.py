@@ -318,7 +318,10 @@ def analyse_loco(
                 "slides": slide_rows,
             }
         )
-    mean = {k: round(float(np.mean([r["auroc"][k] for r in rows])), 4) for k in rows[0]["auroc"]}
+    keys = sorted({k for r in rows for k in r["auroc"]})
+    mean = {
+        k: round(float(np.mean([r["auroc"][k] for r in rows if k in r["auroc"]])), 4) for k in keys
+    }  # knn only over the runs that saved features
     return {
         "target_unidentified": target_unidentified,
         "fraction": fraction,
