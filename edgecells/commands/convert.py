@@ -291,7 +291,7 @@ def convert(
         try:
             fit_report = refit_bundle(out_dir, validate_dir)
         except EdgecellsError as exc:  # too little val data: the bundle keeps the defaults
-            out.print(f"[yellow]warning[/]: thresholds not fitted ({exc}); defaults kept")
+            err.print(f"[yellow]warning[/]: thresholds not fitted ({exc}); defaults kept")
         else:
             if not as_json:
                 _print_refit(out_dir, fit_report)
