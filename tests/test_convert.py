@@ -74,7 +74,7 @@ def converted(work: dict) -> tuple[subprocess.CompletedProcess, Path]:
     return proc, out
 
 
-def test_each_format_converts_and_validates(converted: tuple) -> None:
+def test_each_format_converts_and_validates(work: dict, converted: tuple) -> None:
     from edgecells.edge.backends import open_classifier
     from edgecells.edge.bundle import load_bundle
 

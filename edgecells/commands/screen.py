@@ -171,11 +171,19 @@ def _print_summary(s: dict[str, Any], out_path: Path) -> None:
         f"(95% CI {lo:.2%}-{hi:.2%}); frames {s['frames']} ({q['passed']} passed, "
         f"{skipped} skipped{': ' + ', '.join(reasons) if reasons else ''})"
     )
+    from edgecells.edge.report import warmup_line
+
     lat = s["latency_ms"]
     out.print(
         "latency p50 ms: "
-        + ", ".join(f"{k} {lat[k]['p50_ms']:.2f}" for k in lat if k not in ("inference_per_cell",))
+        + ", ".join(
+            f"{k} {v['p50_ms']:.2f}"
+            for k, v in lat.items()
+            if k != "inference_per_cell" and isinstance(v, dict) and "p50_ms" in v
+        )
     )
+    if warmup_line(lat):
+        out.print(warmup_line(lat))
     for e in s.get("events", []):
         out.print(f"[yellow]{e}[/]")
     out.print(f"report: {out_path / 'report.html'}")
