@@ -9,7 +9,6 @@ what cannot be an image (zero-size, wrong rank, absurd size) with an
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import cv2
 import numpy as np
 
 from edgecells.edge.errors import EdgecellsError
+from edgecells.edge.fileio import write_bytes_atomic
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MAX_PIXELS = 8192 * 8192  # larger frames are refused: no microscope camera sends them
@@ -78,22 +78,15 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
 
 
 def write_image(path: str | os.PathLike[str], image: np.ndarray) -> None:
-    """Write an RGB uint8 image atomically (temporary file, then rename)."""
+    """Write an RGB uint8 image atomically (temporary file, fsync, rename); a failed write
+    is a one-line :class:`EdgecellsError`."""
     p = Path(path)
     rgb = as_rgb8(image, name=str(p))
     suffix = p.suffix.lower() or ".png"
     ok, buf = cv2.imencode(suffix, rgb[:, :, ::-1])
     if not ok:
         raise EdgecellsError(f"{p}: cannot encode image as {suffix}")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.tobytes())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(p, buf.tobytes())
 
 
 def list_images(path: str | os.PathLike[str], recursive: bool = True) -> list[Path]:

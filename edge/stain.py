@@ -52,6 +52,7 @@ import numpy as np
 
 from edgecells.edge import stain_kernels as K
 from edgecells.edge.errors import EdgecellsError
+from edgecells.edge.fileio import write_json_atomic
 from edgecells.edge.imageio import as_rgb8
 from edgecells.edge.reinhard_tables import load_tables
 
@@ -289,11 +290,7 @@ class StainTarget:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write as JSON atomically."""
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, p)
+        write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> StainTarget:

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from edgecells.edge.errors import EdgecellsError
+from edgecells.edge.resources import SAMPLES_DIR
 from edgecells.edge.sources import CameraLost, ReopeningSource, open_source, parse_uri
 from edgecells.edge.sources.base import SourceBase
 from edgecells.edge.sources.files import FileSource
-from edgecells.edge.sources.uri import SAMPLES_DIR
 from edgecells.edge.sources.video import VideoSource
 
 BCCD = Path(__file__).parent / "fixtures" / "bccd" / "JPEGImages"

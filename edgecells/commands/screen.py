@@ -9,26 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from edgecells.commands._ui import out, progress
 from edgecells.edge.errors import EdgecellsError
-
-err = Console(stderr=True)
-out = Console()
-
-
-def _progress(total: int | None, disable: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        disable=disable,
-        transient=True,
-    )
 
 
 def _setup(
@@ -125,7 +109,7 @@ def screen(
         hooks.frame_done(sess.frames)
 
     try:
-        with _progress(total, as_json) as bar:
+        with progress(as_json) as bar:
             task = bar.add_task("screening", total=total)
             if sess.next_index:
                 bar.update(task, completed=sess.next_index)
@@ -215,7 +199,7 @@ def profile(
                 continue
             cfg, b, clf = _setup(config, source, bundle, be, th)
             try:
-                with _progress(frames, as_json) as bar:
+                with progress(as_json) as bar:
                     task = bar.add_task(f"{clf.backend} x{th}", total=frames)
                     r = profile_run(cfg, b, clf, frames, lambda t=task: bar.advance(t))
             finally:
@@ -326,7 +310,7 @@ def evaluate_detector(
     if not files:
         raise EdgecellsError(f"{frames_dir}: no frames with annotations in {annotations}")
     wbc, plt = DetectionScore(), DetectionScore()
-    with _progress(len(files), as_json) as bar:
+    with progress(as_json) as bar:
         task = bar.add_task("detecting", total=len(files))
         for f in files:
             boxes = read_voc(annotations / f"{f.stem}.xml")
@@ -382,7 +366,7 @@ def evaluate_screening(
         raise EdgecellsError(f"--fractions: not a list of numbers: {fractions!r}") from None
     cfg, b, clf = _setup(config, None, bundle, backend, threads)
     try:
-        with _progress(None, as_json) as bar:
+        with progress(as_json) as bar:
             task = bar.add_task("classifying test split", total=None)
             labels, truth = classify_split(
                 b, clf, data, lambda n, t: bar.update(task, total=t, completed=n)
