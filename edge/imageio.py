@@ -27,8 +27,20 @@ def as_rgb8(image: np.ndarray, name: str = "image", bgr: bool = False) -> np.nda
 
     Accepts HxW (gray), HxWx1, HxWx3 and HxWx4 (alpha dropped), in uint8, uint16
     (scaled by 1/257), float in [0, 1], or other integer types in 0..255. ``bgr`` says
-    the channels are in OpenCV order.
+    the channels are in OpenCV order. An array that is already RGB uint8 HxWx3 and
+    C-contiguous comes back as is (a type check, no copy): frames are converted once,
+    where they enter (the frame sources), and later calls cost nothing.
     """
+    if (
+        not bgr
+        and isinstance(image, np.ndarray)
+        and image.dtype == np.uint8
+        and image.ndim == 3
+        and image.shape[2] == 3
+        and image.flags.c_contiguous
+        and 0 < image.shape[0] * image.shape[1] <= MAX_PIXELS
+    ):
+        return image
     if not isinstance(image, np.ndarray):
         raise EdgecellsError(f"{name}: not an image array")
     if image.ndim not in (2, 3) or image.size == 0 or min(image.shape[:2]) == 0:

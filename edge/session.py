@@ -125,12 +125,7 @@ class Session:
             rewrite_csv(frames_p, FRAME_FIELDS, frames)
         for r in frames:
             self.frames += 1
-            if r["status"] == "ok":
-                self.quality.passed += 1
-            elif r["reason"] == "unreadable":
-                self.quality.unreadable += 1
-            else:
-                self.quality.failed[r["reason"]] += 1
+            self.quality.count(r["status"], r["reason"])
             self.red_cells += int(r.get("red_cells") or 0)
         abnormal_names = self.pipe.abnormal_names()
         per_frame: dict[int, list[int]] = {}
@@ -209,13 +204,9 @@ class Session:
         self.frames += 1
         self.next_index = frame.index + 1
         self.red_cells += res.red_cells
+        self.quality.count(res.status, res.reason)
         if res.status != "ok":
-            if res.reason == "unreadable":
-                self.quality.unreadable += 1
-            else:
-                self.quality.failed[res.reason] += 1
             return
-        self.quality.passed += 1
         abnormal_names = self.pipe.abnormal_names()
         in_gallery = False
         for i, c in enumerate(res.cells):
