@@ -9,9 +9,14 @@ hand.
                   per-stage milliseconds; written after the frame's cells, so a frame in
                   this file is complete (``--resume`` trusts it).
 ``summary.json``  the result so far, rewritten atomically (temporary file + rename).
-``report.html``   counts, flag, confidence interval, quality, latency and a gallery of
-                  abnormal and unidentified crops (``gallery/``) for a person to review.
-``frames/``       annotated PNG per frame on request (boxes coloured by class).
+``report.html``   one self-contained page (inline CSS and SVG, no script, no network):
+                  the flag in colour with its reason, the differential as a bar chart
+                  with 95% intervals, cells per frame, per-class galleries of cells cut
+                  from the frame at native resolution (``gallery/``), quality, latency
+                  (distribution, warm-up apart) — see :func:`render_html`.
+``frames/``       annotated frames (boxes coloured by class): a PNG per frame with
+                  ``--annotate``, else a JPEG for each frame holding a gallery cell (what
+                  a gallery image links to).
 """
 
 from __future__ import annotations

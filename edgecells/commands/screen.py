@@ -188,6 +188,7 @@ def profile(
 ) -> None:
     """Per-stage latency (p50/p95/p99), frames/s, cells/s and peak memory."""
     from edgecells.edge.profiling import profile_run
+    from edgecells.edge.report import warmup_line
 
     if frames < 1:
         raise EdgecellsError(f"--frames must be >= 1, got {frames}")
@@ -220,6 +221,8 @@ def profile(
             f"{r['fps']:.1f} frames/s, {r['cells_per_s']:.1f} cells/s, inference "
             f"{r['inference_ms_per_cell']:.3f} ms/cell, peak memory {r['peak_rss_mb']:.0f} MiB"
         )
+        if warmup_line({"warmup": r.get("warmup")}):
+            out.print(warmup_line({"warmup": r.get("warmup")}))
 
 
 def _profile_zoo(
