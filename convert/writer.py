@@ -105,7 +105,8 @@ def build_manifest(
     crop: dict[str, Any] | None = None,
     thresholds: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A schema-v1 manifest (see edge/bundle.py); crop/thresholds default from defaults.json."""
+    """A schema-v1 manifest (see edge/bundle/__init__.py); crop/thresholds default from
+    defaults.json."""
     from edgecells import __version__
 
     d = defaults()

@@ -1,88 +1,12 @@
-"""The model bundle: the one contract between the host toolchain and the device.
-
-A bundle is a folder (or a ``.tar.gz`` / ``.tgz`` / ``.zip`` archive of one) holding
-``manifest.json`` and the model files it lists. :func:`load_bundle` checks the schema and
-the size and SHA-256 of every listed file and returns a :class:`Bundle`; anything wrong
-(tampered, truncated, missing or unlisted-schema file) raises
-:class:`~edgecells.edge.errors.EdgecellsError` naming the file. Archives are extracted
-safely (see :func:`extract_archive`).
-
-Manifest schema, version 1 (``manifest.json``, UTF-8 JSON object)::
-
-    {
-      "schema": "edgecells.bundle",          # fixed
-      "schema_version": 1,                   # this module reads exactly 1
-      "name": "reference",                   # free text
-      "task": "multiclass",                  # or "binary" (one sigmoid output)
-      "classes": ["basophil", ...],          # output order of every model
-      "mapping": {                           # ClassMapping.to_dict() (edge/mappings.py)
-        "schema": "edgecells.mapping/1", "name": "pbc8", ...,
-        "classes": [{"name": "basophil", "abnormal": false, "description": ""}, ...]
-      },                                     # same names, same order as "classes"
-      "stain_target": {...} | null,          # StainTarget.to_dict(); null = no normalization
-      "preprocessing": {
-        "input_size": 128,                   # square model input side, pixels
-        "channels": "RGB",
-        "value_range": [0, 255],             # models take raw pixel values, scale inside
-        "stain_normalization": "reinhard-fixed-v1" | "none",
-        "resize": "area"                     # cv2 interpolation used by edge/preprocess
-      },
-      "crop": {                              # how the device cuts a cell crop from a frame
-        "side_um": 24.0,                     # crop side in micrometres, when the frame's
-                                             #   scale (um per pixel) is known
-        "min_side_factor": 1.4,              # crop side >= this x the detected cell's box side
-        "training_side_px": 200              # side of the training crops (PBC: 200 px)
-      },
-      "thresholds": {
-        "min_confidence": 0.5,               # top-1 probability below this = "uncertain" cell
-        "screening": {
-          "min_cells": 100,                  # fewer classified cells = inconclusive
-          "abnormal_fraction": 0.02,         # flag when the abnormal fraction exceeds this
-          "confidence": 0.95,                # one-sided confidence of the flag decision
-          "false_positive_rate": 0.02        # per-cell normal->abnormal rate (measured)
-        }
-      },
-      "models": [                            # one entry per model file set
-        {
-          "id": "tflite-int8",               # unique; "<format>-<precision>"
-          "format": "tflite",                # tflite | openvino | onnx
-          "precision": "int8",               # int8 | float32
-          "backend": "litert",               # litert | openvino | onnxruntime
-          "role": "deploy",                  # deploy | reference (float32 kept to compare)
-          "path": "model_int8.tflite",       # main file, relative to the bundle root
-          "sha256": "...", "bytes": 123,     # of the main file
-          "files": [                         # every file of this model (main file first;
-            {"path": "...", "sha256": "...", "bytes": 123}   # OpenVINO: .xml then .bin)
-          ],
-          "input":  {"shape": [-1, 128, 128, 3], "dtype": "int8",
-                     "scale": 1.0, "zero_point": -128},   # scale/zero_point null if float
-          "output": {"shape": [-1, 8], "dtype": "int8",
-                     "scale": 0.00390625, "zero_point": -128}
-        }
-      ],
-      "validation": {"tflite-int8": {...metrics...}, ...},   # per model id, may be {}
-      "provenance": {
-        "source_model": "model.keras", "source_model_sha256": "...",
-        "calibration_sha256": "..." | null, "calibration_manifest": {...} | null,
-        "data": "free text (data set, split)", "edgecells_version": "0.1.0",
-        "created": "2026-01-01T00:00:00+00:00", "tools": {"tensorflow": "2.21.0", ...}
-      }
-    }
-
-Batch dimensions are ``-1`` (any batch size). Extra keys are allowed and kept in
-:attr:`Bundle.manifest`.
-"""
+"""Manifest schema v1: constants, the dataclasses a loaded bundle is made of, parsing with
+type and range checks, reading and atomic writing of ``manifest.json``. The schema is
+documented in :mod:`edgecells.edge.bundle`."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import stat
-import tarfile
 import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -98,14 +22,8 @@ FORMATS = ("tflite", "openvino", "onnx")
 PRECISIONS = ("int8", "float32")
 BACKEND_OF_FORMAT = {"tflite": "litert", "openvino": "openvino", "onnx": "onnxruntime"}
 STAIN_METHODS = ("reinhard-fixed-v1", "none")
-ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".zip")
 
-# Safe-extraction limits (a bundle is a few MB; the reference bundle well under 20 MB).
-MAX_ARCHIVE_TOTAL_BYTES = 1 << 30  # 1 GiB uncompressed in all
-MAX_ARCHIVE_MEMBERS = 256
 MAX_MANIFEST_BYTES = 4 << 20
-
-_HASH_CHUNK = 1 << 20
 
 
 # --------------------------------------------------------------------------- dataclasses
@@ -306,37 +224,6 @@ def _abnormal_names(mapping: dict[str, Any]) -> list[str]:
     return [e["name"] for e in mapping.get("classes", []) if e.get("abnormal")]
 
 
-# --------------------------------------------------------------------------- hashing
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_entry(root: str | os.PathLike[str], relpath: str) -> FileEntry:
-    """A :class:`FileEntry` for ``root/relpath`` (posix relative path)."""
-    p = Path(root) / relpath
-    return FileEntry(path=relpath, sha256=sha256_file(p), bytes=p.stat().st_size)
-
-
-# --------------------------------------------------------------------------- paths
-
-
-def default_bundle_path() -> Path:
-    """The reference bundle shipped inside the package."""
-    return Path(__file__).resolve().parent / "data" / "bundles" / "reference"
-
-
-def is_archive(path: str | os.PathLike[str]) -> bool:
-    name = str(path).lower()
-    return any(name.endswith(s) for s in ARCHIVE_SUFFIXES)
-
-
 def _safe_relpath(rel: Any, where: str) -> str:
     """A manifest path must be a plain relative posix path inside the bundle."""
     if not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel:
@@ -345,170 +232,6 @@ def _safe_relpath(rel: Any, where: str) -> str:
     if p.is_absolute() or ".." in p.parts or rel.startswith("~") or ":" in p.parts[0]:
         raise EdgecellsError(f"{where}: file path {rel!r} points outside the bundle")
     return str(p)
-
-
-# --------------------------------------------------------------------------- archives
-
-
-def _check_member_name(name: str, archive: Path) -> PurePosixPath:
-    if not name or "\x00" in name or "\\" in name:
-        raise EdgecellsError(f"{archive}: archive member {name!r} has an invalid name")
-    p = PurePosixPath(name)
-    if p.is_absolute() or name.startswith("/") or (p.parts and ":" in p.parts[0]):
-        raise EdgecellsError(f"{archive}: archive member {name!r} has an absolute path")
-    if ".." in p.parts:
-        raise EdgecellsError(f"{archive}: archive member {name!r} escapes the bundle (..)")
-    return p
-
-
-def _copy_limited(src: Any, dst: Path, budget: list[int], archive: Path, name: str) -> None:
-    """Copy a member stream, counting real bytes against the remaining budget."""
-    with open(dst, "wb") as out:
-        while chunk := src.read(_HASH_CHUNK):
-            budget[0] -= len(chunk)
-            if budget[0] < 0:
-                raise EdgecellsError(
-                    f"{archive}: archive too large when extracted (at {name!r}; limit "
-                    f"{MAX_ARCHIVE_TOTAL_BYTES} bytes)"
-                )
-            out.write(chunk)
-
-
-def extract_archive(
-    archive: str | os.PathLike[str],
-    dest: str | os.PathLike[str],
-    max_bytes: int = MAX_ARCHIVE_TOTAL_BYTES,
-    max_members: int = MAX_ARCHIVE_MEMBERS,
-) -> Path:
-    """Safely extract a ``.tar.gz``/``.tgz``/``.zip`` bundle archive into ``dest``.
-
-    Refused (EdgecellsError naming the archive and member): absolute paths, ``..``
-    components, symbolic or hard links, devices/FIFOs, more than ``max_members``
-    members, more than ``max_bytes`` uncompressed bytes (counted while copying, so a
-    lying header does not help). Only regular files and folders are written. Returns
-    ``dest``.
-    """
-    src = Path(archive)
-    out = Path(dest)
-    out.mkdir(parents=True, exist_ok=True)
-    budget = [int(max_bytes)]
-    name_l = src.name.lower()
-    try:
-        if name_l.endswith(".zip"):
-            with zipfile.ZipFile(src) as zf:
-                infos = zf.infolist()
-                if len(infos) > max_members:
-                    raise EdgecellsError(f"{src}: archive has too many members ({len(infos)})")
-                if sum(i.file_size for i in infos) > max_bytes:
-                    raise EdgecellsError(
-                        f"{src}: archive too large when extracted (limit {max_bytes} bytes)"
-                    )
-                for info in infos:
-                    rel = _check_member_name(info.filename.rstrip("/") or ".", src)
-                    mode = (info.external_attr >> 16) & 0xFFFF
-                    if mode and stat.S_ISLNK(mode):
-                        raise EdgecellsError(
-                            f"{src}: archive member {info.filename!r} is a link (not allowed)"
-                        )
-                    if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-                        raise EdgecellsError(
-                            f"{src}: archive member {info.filename!r} is not a regular file"
-                        )
-                    target = out.joinpath(*rel.parts)
-                    if info.is_dir():
-                        target.mkdir(parents=True, exist_ok=True)
-                        continue
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with zf.open(info) as stream:
-                        _copy_limited(stream, target, budget, src, info.filename)
-        elif name_l.endswith((".tar.gz", ".tgz")):
-            with tarfile.open(src, mode="r:gz") as tf:
-                count = 0
-                for member in tf:
-                    count += 1
-                    if count > max_members:
-                        raise EdgecellsError(f"{src}: archive has too many members")
-                    rel = _check_member_name(member.name.rstrip("/") or ".", src)
-                    if member.issym() or member.islnk():
-                        raise EdgecellsError(
-                            f"{src}: archive member {member.name!r} is a link (not allowed)"
-                        )
-                    if member.isdir():
-                        out.joinpath(*rel.parts).mkdir(parents=True, exist_ok=True)
-                        continue
-                    if not member.isfile():
-                        raise EdgecellsError(
-                            f"{src}: archive member {member.name!r} is not a regular file"
-                        )
-                    if member.size > budget[0]:
-                        raise EdgecellsError(
-                            f"{src}: archive too large when extracted (at {member.name!r}; "
-                            f"limit {max_bytes} bytes)"
-                        )
-                    target = out.joinpath(*rel.parts)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    stream = tf.extractfile(member)
-                    if stream is None:
-                        raise EdgecellsError(f"{src}: cannot read archive member {member.name!r}")
-                    with stream:
-                        _copy_limited(stream, target, budget, src, member.name)
-        else:
-            raise EdgecellsError(
-                f"{src}: not a bundle archive (expected {', '.join(ARCHIVE_SUFFIXES)})"
-            )
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
-        raise EdgecellsError(f"{src}: corrupt or unreadable archive ({exc})") from None
-    # Defence in depth: nothing written may resolve outside dest.
-    root = out.resolve()
-    for p in out.rglob("*"):
-        if p.is_symlink() or not p.resolve().is_relative_to(root):
-            raise EdgecellsError(f"{src}: archive member {p.name!r} escapes the bundle")
-    return out
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("EDGECELLS_CACHE") or os.environ.get("XDG_CACHE_HOME")
-    root = Path(base) if base else Path.home() / ".cache"
-    if not os.environ.get("EDGECELLS_CACHE"):
-        root = root / "edgecells"
-    return root / "bundles"
-
-
-def _extract_cached(archive: Path, extract_to: Path | None) -> Path:
-    if not archive.is_file():
-        raise EdgecellsError(f"{archive}: no such bundle archive")
-    if extract_to is not None:
-        dest = Path(extract_to)
-        if dest.exists() and any(dest.iterdir()):
-            raise EdgecellsError(f"{dest}: extraction folder exists and is not empty")
-        return extract_archive(archive, dest)
-    digest = sha256_file(archive)
-    cache = _cache_dir()
-    final = cache / digest[:32]
-    if final.is_dir():
-        return final  # contents are re-verified against the manifest by the caller
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=cache))
-    try:
-        extract_archive(archive, tmp)
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process won the race
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
-
-
-def _bundle_root_in(folder: Path, archive: Path) -> Path:
-    """manifest.json at the top of the archive, or inside its single top folder."""
-    if (folder / MANIFEST_NAME).is_file():
-        return folder
-    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
-    if len(entries) == 1 and entries[0].is_dir() and (entries[0] / MANIFEST_NAME).is_file():
-        return entries[0]
-    raise EdgecellsError(f"{archive}: archive holds no {MANIFEST_NAME}")
 
 
 # --------------------------------------------------------------------------- parsing
@@ -695,32 +418,6 @@ def parse_manifest(manifest: Any, mpath: str = MANIFEST_NAME) -> dict[str, Any]:
     }
 
 
-# --------------------------------------------------------------------------- loading
-
-
-def verify_files(root: Path, models: list[ModelEntry]) -> None:
-    """Check size and SHA-256 of every listed file; EdgecellsError naming the file."""
-    rroot = root.resolve()
-    for m in models:
-        for f in m.files:
-            p = root / f.path
-            if p.is_symlink() or (p.exists() and not p.resolve().is_relative_to(rroot)):
-                raise EdgecellsError(f"{p}: is a link or lies outside the bundle (refused)")
-            if not p.is_file():
-                raise EdgecellsError(f"{p}: missing (listed in {MANIFEST_NAME})")
-            size = p.stat().st_size
-            if size != f.bytes:
-                what = "truncated" if size < f.bytes else "wrong size"
-                raise EdgecellsError(
-                    f"{p}: {what} ({size} bytes, manifest says {f.bytes}); the file is "
-                    "damaged or does not belong to this bundle"
-                )
-            if sha256_file(p) != f.sha256:
-                raise EdgecellsError(
-                    f"{p}: SHA-256 mismatch (file modified or corrupted); refusing to load it"
-                )
-
-
 def read_manifest(root: Path) -> dict[str, Any]:
     mpath = root / MANIFEST_NAME
     if not mpath.is_file():
@@ -731,36 +428,6 @@ def read_manifest(root: Path) -> dict[str, Any]:
         return json.loads(mpath.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise EdgecellsError(f"{mpath}: not valid JSON ({exc})") from None
-
-
-def load_bundle(
-    path: str | os.PathLike[str] | None = None,
-    verify: bool = True,
-    extract_to: str | os.PathLike[str] | None = None,
-) -> Bundle:
-    """Load and verify a bundle folder, its ``manifest.json``, or a bundle archive.
-
-    ``path`` None means the shipped reference bundle. Archives are extracted safely to
-    ``extract_to`` or to a cache folder keyed by the archive's SHA-256
-    (``$EDGECELLS_CACHE`` or ``~/.cache/edgecells/bundles``). With ``verify`` (the
-    default) every file's size and SHA-256 is checked against the manifest.
-    """
-    src = Path(path) if path is not None else default_bundle_path()
-    if is_archive(src):
-        root = _bundle_root_in(_extract_cached(src, Path(extract_to) if extract_to else None), src)
-    elif src.is_file() and src.name == MANIFEST_NAME:
-        root = src.parent
-    elif src.is_dir():
-        root = src
-    elif src.exists():
-        raise EdgecellsError(f"{src}: not a bundle folder, manifest.json or bundle archive")
-    else:
-        raise EdgecellsError(f"{src}: no such bundle")
-    manifest = read_manifest(root)
-    fields = parse_manifest(manifest, str(root / MANIFEST_NAME))
-    if verify:
-        verify_files(root, fields["models"])
-    return Bundle(root=root, manifest=manifest, source=str(src), **fields)
 
 
 def write_manifest(root: str | os.PathLike[str], manifest: dict[str, Any]) -> Path:
