@@ -206,6 +206,7 @@ class Session:
         self.red_cells += res.red_cells
         self.quality.count(res.status, res.reason)
         if res.status != "ok":
+            self.timeline.add(frame.index, 0, 0)
             return
         abnormal_names = self.pipe.abnormal_names()
         in_gallery = False

@@ -135,8 +135,12 @@ def _public(s: dict[str, Any]) -> dict[str, Any]:
 
 
 def _print_summary(s: dict[str, Any], out_path: Path) -> None:
-    colour = {"POSITIVE": "red", "NEGATIVE": "green"}.get(s["flag"], "yellow")
-    out.print(f"[bold {colour}]{s['flag']}[/]  {s['reason']}")
+    from edgecells.edge.report import flag_reason, warmup_line
+
+    colour = {"POSITIVE": "red", "REVIEW": "dark_orange", "NEGATIVE": "green"}.get(
+        s["flag"], "grey50"
+    )
+    out.print(f"[bold {colour}]{s['flag']}[/]  {flag_reason(s)}")
     t = Table(title="Differential count")
     t.add_column("class")
     t.add_column("cells", justify="right")
@@ -155,8 +159,6 @@ def _print_summary(s: dict[str, Any], out_path: Path) -> None:
         f"(95% CI {lo:.2%}-{hi:.2%}); frames {s['frames']} ({q['passed']} passed, "
         f"{skipped} skipped{': ' + ', '.join(reasons) if reasons else ''})"
     )
-    from edgecells.edge.report import warmup_line
-
     lat = s["latency_ms"]
     out.print(
         "latency p50 ms: "
