@@ -12,8 +12,9 @@ times, in ms per frame:
 - two floors: a plain copy, and an OpenCV 8-bit RGB->LAB->RGB round trip;
 
 and prints every ratio. Times are CPU time of the (single) thread, so they hold on a
-machine shared with other jobs (see :func:`timeit`). The comparison libraries are benchmark-only (see
-benchmarks/README.md for how to install them); a missing one is reported and skipped.
+machine shared with other jobs (see :func:`timeit`). The comparison libraries are
+benchmark-only (see benchmarks/README.md for how to install them); a missing one is
+reported and skipped.
 
     python benchmarks/bench_stain.py [--frames 20] [--repeat 5] [--json]
 """
