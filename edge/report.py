@@ -139,7 +139,8 @@ def _fmt(v: Any) -> Any:
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
-    """Rows of a CSV log; a torn last line (crash mid-write) is dropped."""
+    """Rows of a CSV log; a torn last line (crash mid-write) and lines holding NUL bytes
+    are dropped."""
     p = Path(path)
     if not p.is_file():
         return []
@@ -147,8 +148,9 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         text = f.read()
     if text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]  # drop the incomplete last line
-    rows = list(csv.DictReader(text.splitlines()))
-    return rows
+    # a line with NUL bytes is what a power cut leaves where a row was being written
+    lines = [ln for ln in text.splitlines() if "\x00" not in ln]
+    return list(csv.DictReader(lines))
 
 
 def rewrite_csv(path: Path, fields: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
@@ -455,6 +457,14 @@ def render_html(
         "<!doctype html><html><head><meta charset='utf-8'><title>edgecells report</title>",
         f"<style>{_CSS}</style></head><body>",
         "<h1>edgecells screening report</h1>",
+        *(
+            [
+                "<p id='ended-early' style='color:#b00020;font-weight:bold'>Session ended "
+                f"early, not complete: {_e(summary['error'])}</p>"
+            ]
+            if summary.get("error")
+            else []
+        ),
         f"<div id='flag' class='flag' data-flag='{_e(flag)}' style='background:{colour}'>"
         f"<div class='state'>{_e(flag)}</div><div class='why'>{_e(reason)}</div></div>",
     ]
