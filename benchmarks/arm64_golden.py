@@ -253,7 +253,10 @@ def _describe(run: dict[str, Any]) -> str:
     parts = [f"python {m['python']}", f"numpy {m['numpy']}"]
     if m["kernel"] == "numba":
         parts.append(f"numba {m['numba']} (llvmlite {m['llvmlite']}, LLVM {m['llvm']})")
-        parts.append(f"compiled for {m['numba_cpu']}")
+        feats = m["numba_cpu_features"] or "no features"
+        if len(feats) > 60:  # x86 hosts list ~100 features
+            feats = f"{feats.count('+')} host features"
+        parts.append(f"compiled for {m['numba_cpu']} ({feats})")
     return f"{m['machine']}, {m['kernel']} kernel: {', '.join(parts)}"
 
 
