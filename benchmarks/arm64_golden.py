@@ -285,7 +285,8 @@ def compare(runs: list[dict[str, Any]], qemu: str | None = None) -> tuple[int, l
             f"{run['seconds']} s (CPU {run.get('cpu_seconds', '?')} s); {_describe(run)}"
         )
     n_arm = sum(1 for r in runs if r["meta"]["machine"] == "aarch64")
-    how = f"{len(runs)} runs ({len(runs) - n_arm} native x86_64, {n_arm} aarch64"
+    host = runs[0]["meta"]["machine"]
+    how = f"{len(runs)} runs ({len(runs) - n_arm} native {host}, {n_arm} aarch64"
     how += f" under {qemu})" if qemu else ")"
     if differing or golden_bad or n_arm == 0:
         bits = []

@@ -250,8 +250,9 @@ run() {
 
 RUNS=()
 
-run x86_64-numpy numpy "$PYTHON"
-run x86_64-numba numba "$PYTHON"
+HOST=$(uname -m)
+run "$HOST-numpy" numpy "$PYTHON"
+run "$HOST-numba" numba "$PYTHON"
 
 for cpu in "${cpu_list[@]}"; do
   arm=(env PYTHONPYCACHEPREFIX="$CACHE/pycache")
