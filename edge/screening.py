@@ -130,7 +130,7 @@ class ScreeningRule:
 
     @classmethod
     def from_bundle(cls, thresholds: dict[str, Any], overrides: Any = None) -> ScreeningRule:
-        """From a bundle's ``thresholds``; ``overrides`` a ScreeningConfig (< 0 = keep)."""
+        """From a bundle's ``thresholds``; ``overrides`` a ScreeningConfig (None = keep)."""
         s = dict(thresholds.get("screening", {}) or {})
         o = dict(thresholds.get("ood", {}) or {})
         try:
@@ -150,12 +150,12 @@ class ScreeningRule:
                 f"screening: bad value in the bundle's thresholds ({exc})"
             ) from None
         if overrides is not None:
-            if overrides.min_cells > 0:
+            if overrides.min_cells is not None:
                 rule.min_cells = int(overrides.min_cells)
             keys = ("threshold", "confidence", "min_confidence", "false_positive_rate")
             for key in (*keys, "ood_threshold"):
-                v = getattr(overrides, key, -1.0)
-                if v >= 0:
+                v = getattr(overrides, key, None)
+                if v is not None:
                     setattr(rule, key, float(v))
             rule.__post_init__()
         return rule
