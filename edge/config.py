@@ -61,11 +61,14 @@ Keys (section, key = default: meaning)::
                              # channels) = off-target stain (BCCD frames vs a PBC target:
                              # 0.47-0.83)
     empty_min_cells = 1      # fewer cells (nucleated + platelets + red) than this = empty
+    domain_check = true      # slide level: the flag is REVIEW when the slide's stain,
+                             # scale or cell focus lies outside the bundle's
+                             # thresholds.domain ranges; false only for a bundle adapted
+                             # to this microscope whose ranges are stale
 
     [screening]              # the flag rule (edge/screening.py); a key left out takes the
                              # value in the bundle's thresholds.screening /
-                             # thresholds.min_confidence (no key is set by default;
-                             # domain_check is not a bundle value)
+                             # thresholds.min_confidence (no key is set by default)
     min_cells = 100          # INSUFFICIENT below this many classified nucleated cells
                              # (bundle default 100, as a manual differential)
     threshold = 0.05         # abnormal-fraction threshold for POSITIVE
@@ -76,9 +79,6 @@ Keys (section, key = default: meaning)::
     ood_threshold = 0.34     # out-of-distribution score (1 - calibrated top probability)
                              # above which a cell is "unidentified" (bundle:
                              # thresholds.ood.threshold, fitted on validation data)
-    domain_check = true      # REVIEW when the slide's stain, scale or focus lies outside
-                             # the bundle's thresholds.domain ranges; false only for a
-                             # bundle adapted to this microscope whose ranges are stale
 
     [bundle]
     trusted_keys = "/etc/edgecells/trusted-keys"   # folder (or file) of Ed25519 public
@@ -162,6 +162,7 @@ class QualityConfig:
     clipped_max: float = 0.05
     stain_max_distance: float = 2.0
     empty_min_cells: int = 1
+    domain_check: bool = True
 
 
 @dataclass
@@ -174,7 +175,6 @@ class ScreeningConfig:
     min_confidence: float | None = None
     false_positive_rate: float | None = None
     ood_threshold: float | None = None
-    domain_check: bool = True
 
 
 # type of the keys whose default is None ("the bundle's value")

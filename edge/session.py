@@ -81,7 +81,7 @@ class Session:
         self.classes = self.pipe.classes
         abnormal = list(self.pipe.abnormal_mask)
         self.tally = Tally(self.classes, abnormal)
-        domain = bundle.thresholds.get("domain") if cfg.screening.domain_check else None
+        domain = bundle.thresholds.get("domain") if cfg.quality.domain_check else None
         self.domain = DomainCheck(dict(domain or {}))
         self.quality = QualityTally()
         self.frames = 0

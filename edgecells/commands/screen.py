@@ -97,7 +97,7 @@ def screen(
         "threads": cfg.inference.threads,
         "pixel_size_um": cfg.camera.pixel_size_um,
     }
-    if cfg.screening.domain_check:
+    if cfg.quality.domain_check:
         info.update(_pixel_size_estimate(cfg))
     # The source opens before anything is written: a missing camera or a wrong path
     # leaves no output behind to block the corrected rerun.
