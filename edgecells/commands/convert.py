@@ -277,7 +277,7 @@ def convert(
         try:
             fit_report = refit_bundle(out_dir, validate_dir)
         except EdgecellsError as exc:  # too little val data: the bundle keeps the defaults
-            err.print(f"[yellow]warning[/]: thresholds not fitted ({exc}); defaults kept")
+            err.print(f"warning: thresholds not fitted ({exc}); defaults kept", soft_wrap=True)
         else:
             if not as_json:
                 _print_refit(out_dir, fit_report)
