@@ -147,7 +147,8 @@ def write(root: str | os.PathLike[str], manifest: dict[str, Any]) -> Path:
 
 
 def archive(bundle_dir: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
-    """Pack the manifest and the files it lists into ``dest`` (.tar.gz, .tgz or .zip).
+    """Pack the manifest and the files it lists (models, self-test samples, training
+    files) into ``dest`` (.tar.gz, .tgz or .zip).
 
     Members sit under one top folder named after the bundle; only listed files go in.
     """
@@ -155,6 +156,8 @@ def archive(bundle_dir: str | os.PathLike[str], dest: str | os.PathLike[str]) ->
     out = Path(dest)
     manifest = json.loads((root / MANIFEST_NAME).read_text(encoding="utf-8"))
     files = [MANIFEST_NAME] + [f["path"] for m in manifest["models"] for f in m["files"]]
+    files += [s["path"] for s in (manifest.get("selftest") or {}).get("samples", [])]
+    files += [e["path"] for e in (manifest.get("training") or {}).values() if "path" in e]
     top = root.resolve().name or "bundle"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")

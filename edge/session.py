@@ -25,6 +25,7 @@ import numpy as np
 from edgecells.edge.config import Config
 from edgecells.edge.detect import NUCLEATED
 from edgecells.edge.errors import EdgecellsError
+from edgecells.edge.export import CropExporter
 from edgecells.edge.pipeline import FrameResult, Pipeline
 from edgecells.edge.quality import QualityTally
 from edgecells.edge.report import (
@@ -61,6 +62,7 @@ class Session:
         annotate: bool = False,
         info: dict[str, Any] | None = None,
         summary_every_s: float = 1.0,
+        export_crops: str | Path | None = None,
     ) -> None:
         self.pipe = Pipeline(cfg, bundle, classifier)
         self.cfg = cfg
@@ -86,6 +88,9 @@ class Session:
         self._frames: CsvLog | None = None
         if self.out is not None:
             self._open_out(resume)
+        self.exporter: CropExporter | None = None
+        if export_crops is not None:  # after _open_out: next_index is known on --resume
+            self.exporter = CropExporter(export_crops, self.next_index if resume else None)
 
     # ------------------------------------------------------------------ output folder
     def _open_out(self, resume: bool) -> None:
@@ -233,6 +238,8 @@ class Session:
                             "src": src,
                         }
                     )
+        if self.exporter is not None and frame.image is not None and res.cells:
+            self.exporter.add(frame.image, frame.index, frame.name, res.cells, res.stain_stats)
         if self.annotate and self.out is not None and frame.image is not None:
             img = annotate_frame(frame.image, res.cells, self.classes)
             save_png(self.out / "frames" / f"{frame.index:06d}.png", img)
@@ -242,6 +249,8 @@ class Session:
             return
         if self._cells is not None:
             self._cells.sync()  # the frame's cells are on disk before the frame is listed
+        if self.exporter is not None:
+            self.exporter.sync()
         row: dict[str, Any] = {
             "frame": frame.index,
             "name": frame.name,
@@ -285,10 +294,10 @@ class Session:
             if self.out is not None:
                 self.write_summary(final=True)
         finally:
-            for log_ in (self._cells, self._frames):
+            for log_ in (self._cells, self._frames, self.exporter):
                 if log_ is not None:
                     log_.close()
-            self._cells = self._frames = None
+            self._cells = self._frames = self.exporter = None
 
 
 def _ends_newline(p: Path) -> bool:

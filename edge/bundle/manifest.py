@@ -22,6 +22,9 @@ FORMATS = ("tflite", "openvino", "onnx")
 PRECISIONS = ("int8", "float32")
 BACKEND_OF_FORMAT = {"tflite": "litert", "openvino": "openvino", "onnx": "onnxruntime"}
 STAIN_METHODS = ("reinhard-fixed-v1", "none")
+# Optional files for site adaptation (``training`` section): the float source model and
+# the replay/check set of the original training data (see edgecells.convert.trainfiles).
+TRAINING_KEYS = ("source_model", "replay")
 
 MAX_MANIFEST_BYTES = 4 << 20
 
@@ -115,6 +118,7 @@ class Bundle:
     validation: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # what the user gave (folder or archive path)
+    training_files: dict[str, FileEntry] = field(default_factory=dict)  # TRAINING_KEYS
 
     @property
     def input_size(self) -> int:
@@ -399,6 +403,12 @@ def parse_manifest(manifest: Any, mpath: str = MANIFEST_NAME) -> dict[str, Any]:
                 f"{mpath}: model {m.id!r} has {m.output.shape[-1]} outputs for "
                 f"{len(classes)} classes"
             )
+    training = manifest.get("training") or {}
+    if not isinstance(training, dict):
+        raise EdgecellsError(f"{mpath}: training must be an object")
+    training_files = {
+        k: _file(training[k], f"{mpath}: training.{k}") for k in TRAINING_KEYS if k in training
+    }
     validation = manifest.get("validation") or {}
     provenance = manifest.get("provenance") or {}
     if not isinstance(validation, dict) or not isinstance(provenance, dict):
@@ -415,6 +425,7 @@ def parse_manifest(manifest: Any, mpath: str = MANIFEST_NAME) -> dict[str, Any]:
         "models": models,
         "validation": validation,
         "provenance": provenance,
+        "training_files": training_files,
     }
 
 

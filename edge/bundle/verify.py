@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from edgecells.edge.bundle.manifest import MANIFEST_NAME, FileEntry, ModelEntry
@@ -30,11 +31,12 @@ def file_entry(root: str | os.PathLike[str], relpath: str) -> FileEntry:
     return FileEntry(path=relpath, sha256=sha256_file(p), bytes=p.stat().st_size)
 
 
-def verify_files(root: Path, models: list[ModelEntry]) -> None:
-    """Check size and SHA-256 of every listed file; EdgecellsError naming the file."""
+def verify_files(root: Path, models: list[ModelEntry], extra: Sequence[FileEntry] = ()) -> None:
+    """Check size and SHA-256 of every listed file (the models' and ``extra``, e.g. the
+    ``training`` files); EdgecellsError naming the file."""
     rroot = root.resolve()
-    for m in models:
-        for f in m.files:
+    for files in [m.files for m in models] + [tuple(extra)]:
+        for f in files:
             p = root / f.path
             if p.is_symlink() or (p.exists() and not p.resolve().is_relative_to(rroot)):
                 raise EdgecellsError(f"{p}: is a link or lies outside the bundle (refused)")
