@@ -42,6 +42,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
+SPLIT = "test"  # the split scored (--split)
 DBN_UM_PER_PX = 7.5 / 59.5  # median red-cell box 59.5 px (shared/PROBES.md), RBC 7.5 um
 DBN_CLASSES = ("eosinophil", "lymphocyte", "monocyte", "neutrophil")
 LISC_CLASSES = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")
@@ -145,7 +146,7 @@ def dbn_score(bundle: Any) -> dict[str, Any]:
     truth, pred = [], []
     missed = 0
     try:
-        for i, (frame, label, box) in enumerate(dbn_frames("test")):
+        for i, (frame, label, box) in enumerate(dbn_frames(SPLIT)):
             img = read_image(DATA / "deepbionet" / "frames" / f"{frame}.jpg")
             res, _ = pipe.process(Frame(i, time.time(), img, frame))
             c = _cell_in_box(res.cells, box) if res.status == "ok" else None
@@ -194,7 +195,7 @@ def lisc_score(bundle: Any) -> dict[str, Any]:
 
     target = bundle.load_stain_target()
     norm = ReinhardNormalizer(target) if target is not None else None
-    items = lisc_items("test")
+    items = lisc_items(SPLIT)
     x = np.stack(
         [prepare_crop(read_image(DATA / "lisc" / p), norm, bundle.input_size) for p, _, _ in items]
     )
@@ -241,6 +242,12 @@ def subset_dir(pool_root: Path | None, pool: dict[str, list[str]], n: int, dest:
         shutil.copy(pool_root / "index.csv", dest / "index.csv")
 
 
+def AdaptConfig_default(name: str) -> object:  # noqa: N802
+    from edgecells.training.adapt import AdaptConfig
+
+    return getattr(AdaptConfig(), name)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dataset", choices=("dbn", "lisc"), required=True)
@@ -252,7 +259,12 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="work folder (default: a temporary one)")
     ap.add_argument("--keep", action="store_true", help="keep the adapted bundles")
     ap.add_argument("--formats", default="tflite", help="int8 formats to convert")
+    ap.add_argument("--split", default="test", help="split to score (val: for tuning)")
+    ap.add_argument("--lr", type=float, default=AdaptConfig_default("learning_rate"))
+    ap.add_argument("--tail-layers", type=int, default=AdaptConfig_default("tail_layers"))
     args = ap.parse_args()
+    global SPLIT
+    SPLIT = args.split
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from edgecells.convert.adapt import adapt_bundle
     from edgecells.edge.bundle import load_bundle
@@ -289,7 +301,12 @@ def main() -> None:
                 d,
                 out,
                 # 2: DeepBioNet's train split has only 2-3 monocytes; all of them are used
-                AdaptConfig(epochs=args.epochs, min_per_class=2),
+                AdaptConfig(
+                    epochs=args.epochs,
+                    min_per_class=2,
+                    learning_rate=args.lr,
+                    tail_layers=args.tail_layers,
+                ),
                 replay_data=args.replay_data,
                 source_model=args.source_model,
                 formats=args.formats.split(","),

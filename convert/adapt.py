@@ -45,6 +45,7 @@ from edgecells.training.adapt import (
     AdaptConfig,
     LocalCells,
     accuracy,
+    choose_alpha,
     finetune,
     mix,
     read_local_cells,
@@ -121,7 +122,7 @@ def _predict(bundle: Any, x: np.ndarray, fmt: str, threads: int | None) -> np.nd
 
 def _replay_from_data(
     data: Path, parent: Any, target: Any, cfg: AdaptConfig, step: Step
-) -> tuple[np.ndarray, np.ndarray, str, np.ndarray, np.ndarray, str]:
+) -> tuple[Any, ...]:
     from edgecells.calibration.datasets import load_dataset, load_split
 
     ds = load_dataset(data, mapping=parent.class_mapping())
@@ -132,6 +133,7 @@ def _replay_from_data(
     te = load_split(ds, "test", parent.input_size, target)
     if len(te.x) == 0:
         raise EdgecellsError(f"{data}: the test split has no readable images")
+    va = load_split(ds, "val", parent.input_size, target)
     return (
         rx,
         ry,
@@ -139,6 +141,9 @@ def _replay_from_data(
         te.x,
         te.y,
         f"{data.name} test split ({len(te.y)} images)",
+        va.x,
+        va.y,
+        f"{data.name} val split ({len(va.y)} images)",
     )
 
 
@@ -204,7 +209,7 @@ def adapt_bundle(
     tr_idx, ho_idx = split_holdout(local.y, cfg.holdout, cfg.seed)
 
     if replay_data is not None:
-        rx, ry, rdesc, cx, cy, cdesc = _replay_from_data(
+        rx, ry, rdesc, cx, cy, cdesc, sx, sy, sdesc = _replay_from_data(
             Path(replay_data), parent, target, cfg, step
         )
         child_check = None  # convert keeps a subset of the check data (its validation)
@@ -223,6 +228,8 @@ def adapt_bundle(
         cx, cy = rep["check_x"], rep["check_y"]
         cdesc = f"bundle check set: {rep['meta'].get('check_data', '')} ({len(cy)} images)"
         child_check = (cx, cy, rep["meta"].get("check_data", ""))
+        # no validation split at hand: alpha is chosen on the check set it is gated on
+        sx, sy, sdesc = cx, cy, cdesc
         if len(cy) == 0:
             raise EdgecellsError(
                 f"{parent.root}: bundle carries no check set to gate forgetting on; pass "
@@ -243,7 +250,12 @@ def adapt_bundle(
     step("fine-tuning")
     mx, my, reps = mix(local.x[tr_idx], local.y[tr_idx], rx, ry, cfg.local_share)
     t_train = time.perf_counter()
+    parent_weights = model.get_weights()
     log = finetune(model, mx, my, len(classes), cfg, on_train_step)
+    alpha, alphas = 1.0, []
+    if cfg.interpolate:
+        step("choosing the interpolation weight")
+        alpha, alphas = choose_alpha(model, parent_weights, sx, sy, cfg.select_drop_pp)
     train_s = time.perf_counter() - t_train
 
     # calibration: replay + local training cells (the int8 ranges must cover the site)
@@ -341,6 +353,11 @@ def adapt_bundle(
         "stain_target": "parent's (unchanged)",
         "config": cfg.to_dict(),
         "train_log": log,
+        "interpolation": {
+            "alpha": alpha,
+            "selected_on": sdesc if cfg.interpolate else None,
+            "tried": alphas,
+        },
         "metrics": {
             "format": f"{primary}-int8",
             "before": {"local_holdout": before_local, "check": before_check},

@@ -74,6 +74,12 @@ class AdaptConfig:
     # BatchNorm layers keep the parent's statistics (inference mode): a few dozen local
     # cells in the mix would otherwise drag them away from the original data (forgetting)
     freeze_bn: bool = True
+    tail_layers: int = 0  # >0: only the last N layers with weights train (0: all)
+    # Weight interpolation (WiSE-FT, Wortsman et al. 2022): the final weights are
+    # parent + alpha x (fine-tuned - parent), alpha the largest of ALPHAS whose float
+    # accuracy on the original data's selection set falls by at most select_drop points.
+    interpolate: bool = True
+    select_drop_pp: float = 0.5
     seed: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -197,10 +203,13 @@ def finetune(
     from edgecells.training.train import set_determinism
 
     set_determinism(cfg.seed)
-    if cfg.freeze_bn:
-        for layer in model.layers:
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.trainable = False  # Keras 3: also runs it in inference mode
+    weighted = [layer for layer in model.layers if layer.weights]
+    frozen = weighted[: -cfg.tail_layers] if cfg.tail_layers > 0 else []
+    for layer in model.layers:
+        if layer in frozen or (
+            cfg.freeze_bn and isinstance(layer, keras.layers.BatchNormalization)
+        ):
+            layer.trainable = False  # Keras 3: BatchNorm then also runs in inference mode
     size = int(model.input_shape[1])
     tcfg = TrainConfig(size=size, batch=cfg.batch, seed=cfg.seed, augment=cfg.augment)
     steps = max(1, math.ceil(len(x) / cfg.batch))
@@ -248,3 +257,46 @@ def accuracy(probs: np.ndarray, y: np.ndarray, classes: Sequence[str]) -> dict[s
         if np.any(y == i)
     }
     return {"n": int(len(y)), "accuracy": round(float(np.mean(pred == y)), 5), "recall": recall}
+
+
+ALPHAS = (1.0, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+
+
+def interpolate_weights(model: Any, parent_weights: list[np.ndarray], alpha: float) -> None:
+    """Set ``model``'s weights to parent + alpha x (current - parent), in place."""
+    current = model.get_weights()
+    model.set_weights([p + alpha * (c - p) for p, c in zip(parent_weights, current)])
+
+
+def choose_alpha(
+    model: Any,
+    parent_weights: list[np.ndarray],
+    sel_x: np.ndarray,
+    sel_y: np.ndarray,
+    max_drop_pp: float,
+) -> tuple[float, list[dict[str, float]]]:
+    """The largest alpha of :data:`ALPHAS` whose float accuracy on (sel_x, sel_y) is at
+    most ``max_drop_pp`` points below the parent's; leaves ``model`` at that alpha and
+    returns it with the accuracy of every alpha tried."""
+    from edgecells.training.train import predict_probs
+
+    tuned = model.get_weights()
+
+    def acc() -> float:
+        return float(np.mean(np.argmax(predict_probs(model, sel_x)[0], axis=1) == sel_y))
+
+    model.set_weights(parent_weights)
+    base = acc()
+    tried = [{"alpha": 0.0, "accuracy": round(base, 5)}]
+    chosen = 0.0
+    for a in ALPHAS:
+        model.set_weights(tuned)
+        interpolate_weights(model, parent_weights, a)
+        v = acc()
+        tried.append({"alpha": a, "accuracy": round(v, 5)})
+        if 100 * (base - v) <= max_drop_pp:
+            chosen = a
+            break
+    model.set_weights(tuned)
+    interpolate_weights(model, parent_weights, chosen)
+    return chosen, tried
