@@ -262,6 +262,7 @@ def main() -> None:
     ap.add_argument("--split", default="test", help="split to score (val: for tuning)")
     ap.add_argument("--lr", type=float, default=AdaptConfig_default("learning_rate"))
     ap.add_argument("--tail-layers", type=int, default=AdaptConfig_default("tail_layers"))
+    ap.add_argument("--no-interpolate", action="store_true", help="keep the fine-tuned weights")
     args = ap.parse_args()
     global SPLIT
     SPLIT = args.split
@@ -306,6 +307,7 @@ def main() -> None:
                     min_per_class=2,
                     learning_rate=args.lr,
                     tail_layers=args.tail_layers,
+                    interpolate=not args.no_interpolate,
                 ),
                 replay_data=args.replay_data,
                 source_model=args.source_model,
@@ -323,6 +325,7 @@ def main() -> None:
                     "adapted": m["after"]["check"]["accuracy"],
                     "drop_pp": m["check_drop_pp"],
                 },
+                "alpha": r.adaptation["interpolation"]["alpha"],
                 "gate_passed": r.passed,
                 "failures": r.failures,
                 "adapt_seconds": round(r.seconds, 1),

@@ -8,8 +8,11 @@
 3. Replay: ``replay_data`` (the original data folder: its training split, with its test
    split for the forgetting gate) or the replay and check sets the parent carries.
 4. Score the parent's int8 model on the held-out cells and the check data ("before").
-5. Fine-tune (training/adapt.py), calibrate on replay + local cells, convert to int8 in
-   every format the parent had (:func:`~edgecells.convert.pipeline.convert_model`, which
+5. Fine-tune (training/adapt.py), pull the weights back toward the parent's as far as
+   needed to keep the original data's accuracy (WiSE-FT weight interpolation; the weight
+   is chosen on the original data's validation split, or on the bundle's check set on a
+   device), calibrate on replay + local cells, convert to int8 in every format the parent
+   had (:func:`~edgecells.convert.pipeline.convert_model`, which
    also validates float vs int8 on the check data).
 6. Score again ("after") and gate: held-out local accuracy must not fall, check-data
    accuracy must not fall by more than ``max_pbc_drop`` points, every format must pass

@@ -45,6 +45,12 @@ def adapt(
     max_drop: float = typer.Option(
         1.0, "--max-drop", help="Largest accuracy drop on the original data, points."
     ),
+    interpolate: bool = typer.Option(
+        True,
+        "--interpolate/--no-interpolate",
+        help="Pull the fine-tuned weights back toward the parent's (WiSE-FT) as far as "
+        "needed to keep the original data's accuracy.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     force: bool = typer.Option(False, "--force", help="Keep a bundle that fails the gate."),
     archive: bool = typer.Option(False, "--archive", help="Also write OUT.tar.gz."),
@@ -63,7 +69,14 @@ def adapt(
 
     if min_per_class < 2:
         raise EdgecellsError(f"--min-per-class must be >= 2, got {min_per_class}")
-    cfg = AdaptConfig(epochs=epochs, holdout=holdout, seed=seed, min_per_class=min_per_class)
+    cfg = AdaptConfig(
+        epochs=epochs,
+        holdout=holdout,
+        seed=seed,
+        min_per_class=min_per_class,
+        interpolate=interpolate,
+        select_drop_pp=max_drop / 2,
+    )
     with (
         pipeline.stdout_to_stderr(),
         Progress(
