@@ -14,8 +14,9 @@ Fixed point, bit-exact
     The per-pixel path is integer arithmetic only (:mod:`.stain_kernels`), with
     committed lookup tables (:mod:`.reinhard_tables`). Per-image statistics are int64
     sums and the transfer coefficients are computed from them with exact Python
-    integers (``math.isqrt``), so the output is identical on any platform, x86 or
-    ARM, numba or numpy. Golden vectors in the tests pin it.
+    integers (``math.isqrt``), so the output does not depend on the platform: the golden vectors in the tests
+    pin it for numba and numpy on x86_64, and ``benchmarks/arm64_golden.sh`` shows the
+    same bits on emulated aarch64 (see benchmarks/RESULTS.md).
 
 Stained pixels only (the mask)
     Smear frames are mostly glass. Statistics come from stained pixels, defined on L*
