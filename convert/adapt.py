@@ -321,6 +321,11 @@ def adapt_bundle(
             failures.append(
                 f"check data accuracy fell {drop:.2f} points ({cdesc}), more than {max_pbc_drop}"
             )
+    if cfg.interpolate and alpha == 0.0:
+        failures.append(
+            "nothing adapted: every interpolation weight lost more than "
+            f"{cfg.select_drop_pp} points on {sdesc}; the new bundle equals the parent"
+        )
     if before_local["n"] and after_local["accuracy"] < before_local["accuracy"]:
         failures.append(
             f"held-out local accuracy fell from {before_local['accuracy']:.3f} to "

@@ -294,7 +294,7 @@ def choose_alpha(
         interpolate_weights(model, parent_weights, a)
         v = acc()
         tried.append({"alpha": a, "accuracy": round(v, 5)})
-        if 100 * (base - v) <= max_drop_pp:
+        if round(100 * (base - v), 6) <= max_drop_pp:
             chosen = a
             break
     model.set_weights(tuned)
