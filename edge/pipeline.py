@@ -39,6 +39,7 @@ class FrameResult:
     cells: list[dict[str, Any]] = field(default_factory=list)
     red_cells: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    stain_stats: Any = None  # the frame's FrameStats the crops were normalized with
     # domain statistics (edge/ood.py DomainCheck): the frame's stained-pixel L*a*b* mean,
     # and the focus of each nucleated cell's model input
     stain_mean: tuple[float, float, float] | None = None
@@ -170,6 +171,7 @@ class Pipeline:
             )
         res.status = "ok"
         res.timings = t
+        res.stain_stats = stats
         return res, batch
 
     def _skip(self, res: FrameResult, q: FrameQuality, t: dict[str, float]) -> FrameResult:
