@@ -325,6 +325,7 @@ def convert_model(
         models=entries,
         validation={},
         provenance=provenance,
+        pixel_size_um=calib.manifest.get("preprocessing", {}).get("pixel_size_um"),
     )
     writer.write(out, manifest)
     bundle = load_bundle(out)

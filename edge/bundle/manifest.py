@@ -121,6 +121,19 @@ class Bundle:
         return int(self.preprocessing["input_size"])
 
     @property
+    def pixel_size_um(self) -> float:
+        """The model's input pixel size, µm/px (older bundles: crop side_um / input_size)."""
+        px = self.preprocessing.get("pixel_size_um")
+        if px is None:
+            return float(self.crop.get("side_um", 24.0)) / self.input_size
+        return float(px)
+
+    @property
+    def field_um(self) -> float:
+        """The model's field of view, µm (a cell is cut at this side)."""
+        return self.input_size * self.pixel_size_um
+
+    @property
     def num_classes(self) -> int:
         return len(self.classes)
 
@@ -379,6 +392,22 @@ def parse_manifest(manifest: Any, mpath: str = MANIFEST_NAME) -> dict[str, Any]:
     if method != "none" and stain is None:
         raise EdgecellsError(f"{mpath}: stain_normalization {method!r} but no stain_target")
     crop = _req(manifest, "crop", dict, mpath)
+    px = pre.get("pixel_size_um")
+    if px is not None and (
+        isinstance(px, bool) or not isinstance(px, (int, float)) or not 0.005 <= px <= 10
+    ):
+        raise EdgecellsError(f"{mpath}: preprocessing.pixel_size_um must be 0.005..10 µm/px")
+    side = crop.get("side_um")
+    if side is not None and (
+        isinstance(side, bool) or not isinstance(side, (int, float)) or not 0 < side <= 1000
+    ):
+        raise EdgecellsError(f"{mpath}: crop.side_um must be a number of micrometres > 0")
+    if px is not None and side is not None and abs(side - px * size) > 0.01 * side:
+        raise EdgecellsError(
+            f"{mpath}: crop.side_um ({side}) must equal input_size x pixel_size_um ({size} x {px})"
+        )
+    if pre.get("stats", "crop") != "crop":
+        raise EdgecellsError(f'{mpath}: preprocessing.stats must be "crop"')
     thresholds = _req(manifest, "thresholds", dict, mpath)
     models_raw = _req(manifest, "models", list, mpath)
     if not models_raw:
