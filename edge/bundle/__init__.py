@@ -80,6 +80,7 @@ Batch dimensions are ``-1`` (any batch size). Extra keys are allowed and kept in
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -98,15 +99,22 @@ from edgecells.edge.bundle.manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
     PRECISIONS,
+    RANGES,
     SCHEMA,
     SCHEMA_VERSION,
     STAIN_METHODS,
     Bundle,
     FileEntry,
     ModelEntry,
+    Range,
     TensorSpec,
+    check_ranges,
+    decode_manifest,
+    loads_strict,
     parse_manifest,
     read_manifest,
+    read_manifest_bytes,
+    referenced_files,
     write_manifest,
 )
 from edgecells.edge.bundle.verify import file_entry, sha256_file, verify_files
@@ -121,20 +129,25 @@ __all__ = [
     "MAX_ARCHIVE_TOTAL_BYTES",
     "MAX_MANIFEST_BYTES",
     "PRECISIONS",
+    "RANGES",
     "SCHEMA",
     "SCHEMA_VERSION",
     "STAIN_METHODS",
     "Bundle",
     "FileEntry",
     "ModelEntry",
+    "Range",
     "TensorSpec",
+    "check_ranges",
     "default_bundle_path",
     "extract_archive",
     "file_entry",
     "is_archive",
     "load_bundle",
     "parse_manifest",
+    "loads_strict",
     "read_manifest",
+    "referenced_files",
     "sha256_file",
     "verify_files",
     "write_manifest",
@@ -169,8 +182,15 @@ def load_bundle(
         raise EdgecellsError(f"{src}: not a bundle folder, manifest.json or bundle archive")
     else:
         raise EdgecellsError(f"{src}: no such bundle")
-    manifest = read_manifest(root)
+    raw = read_manifest_bytes(root)
+    manifest = decode_manifest(raw, root / MANIFEST_NAME)
     fields = parse_manifest(manifest, str(root / MANIFEST_NAME))
     if verify:
-        verify_files(root, fields["models"])
-    return Bundle(root=root, manifest=manifest, source=str(src), **fields)
+        verify_files(root, fields["models"], fields["selftest"])
+    return Bundle(
+        root=root,
+        manifest=manifest,
+        source=str(src),
+        manifest_sha256=hashlib.sha256(raw).hexdigest(),
+        **fields,
+    )

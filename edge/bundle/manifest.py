@@ -5,6 +5,7 @@ documented in :mod:`edgecells.edge.bundle`."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -24,6 +25,96 @@ BACKEND_OF_FORMAT = {"tflite": "litert", "openvino": "openvino", "onnx": "onnxru
 STAIN_METHODS = ("reinhard-fixed-v1", "none")
 
 MAX_MANIFEST_BYTES = 4 << 20
+SELFTEST_MAX_SAMPLES = 256
+
+
+@dataclass(frozen=True)
+class Range:
+    """One declared manifest value: its dotted key path, type and allowed range.
+
+    ``kind`` is ``"number"`` (int or float, finite) or ``"int"``. ``lo``/``hi`` are
+    inclusive unless ``lo_open``/``hi_open``. An absent key is allowed (the reader's
+    default applies) unless ``required``; a present one must fit.
+    """
+
+    path: str
+    kind: str = "number"
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    required: bool = False
+
+    def describe(self) -> str:
+        what = "an integer" if self.kind == "int" else "a number"
+        if self.lo is not None and self.hi is not None:
+            lb = "(" if self.lo_open else "["
+            hb = ")" if self.hi_open else "]"
+            return f"{what} in {lb}{self.lo:g}, {self.hi:g}{hb}"
+        if self.lo is not None:
+            return f"{what} {'>' if self.lo_open else '>='} {self.lo:g}"
+        if self.hi is not None:
+            return f"{what} {'<' if self.hi_open else '<='} {self.hi:g}"
+        return what
+
+
+# Every numeric manifest value the device acts on, with its allowed range. To declare a
+# new field add one row here; parse_manifest checks the table (type, finiteness, range).
+RANGES: list[Range] = [
+    Range("thresholds.min_confidence", "number", 0.0, 1.0),
+    Range("thresholds.operating_point", "number", 0.0, 1.0),
+    Range("thresholds.screening.min_cells", "int", 1, 1_000_000),
+    Range("thresholds.screening.abnormal_fraction", "number", 0.0, 1.0, hi_open=True),
+    Range("thresholds.screening.confidence", "number", 0.5, 1.0, hi_open=True),
+    Range("thresholds.screening.false_positive_rate", "number", 0.0, 1.0, hi_open=True),
+    Range("crop.side_um", "number", 0.0, 500.0),  # 0 = no fixed physical side
+    Range("crop.min_side_factor", "number", 0.5, 10.0),
+    Range("crop.training_side_px", "int", 8, 4096),
+]
+
+
+def _no_nonfinite(obj: Any, mpath: str, path: str = "") -> None:
+    """NaN and Infinity are not JSON; anywhere in a manifest they are refused."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        raise EdgecellsError(f"{mpath}: {path or 'value'} is {obj!r} (not a number JSON allows)")
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _no_nonfinite(v, mpath, f"{path}.{k}" if path else str(k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _no_nonfinite(v, mpath, f"{path}[{i}]")
+
+
+def _lookup(d: dict[str, Any], path: str) -> tuple[bool, Any]:
+    cur: Any = d
+    for part in path.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return False, None
+        cur = cur[part]
+    return True, cur
+
+
+def check_ranges(manifest: dict[str, Any], mpath: str, table: list[Range] | None = None) -> None:
+    """Check every declared value of ``table`` (default :data:`RANGES`) in ``manifest``."""
+    for r in RANGES if table is None else table:
+        found, v = _lookup(manifest, r.path)
+        if not found or v is None:
+            if r.required:
+                raise EdgecellsError(f"{mpath}: missing {r.path} ({r.describe()})")
+            continue
+        ok_type = isinstance(v, int) if r.kind == "int" else isinstance(v, (int, float))
+        if isinstance(v, bool) or not ok_type:
+            raise EdgecellsError(
+                f"{mpath}: {r.path} must be {r.describe()}, not {type(v).__name__} {v!r:.40}"
+            )
+        fv = float(v)
+        bad = not math.isfinite(fv)
+        if r.lo is not None and not bad:
+            bad = fv <= r.lo if r.lo_open else fv < r.lo
+        if r.hi is not None and not bad:
+            bad = bad or (fv >= r.hi if r.hi_open else fv > r.hi)
+        if bad:
+            raise EdgecellsError(f"{mpath}: {r.path} must be {r.describe()}, got {v!r}")
 
 
 # --------------------------------------------------------------------------- dataclasses
@@ -114,7 +205,10 @@ class Bundle:
     models: list[ModelEntry]
     validation: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    selftest: tuple[FileEntry, ...] = ()  # self-test sample files (hashed like models)
     source: str = ""  # what the user gave (folder or archive path)
+    manifest_sha256: str = ""  # of manifest.json as read: the bundle's identity
+    signature: dict[str, Any] = field(default_factory=dict)  # set by signing.check_bundle
 
     @property
     def input_size(self) -> int:
@@ -344,6 +438,46 @@ def _model(d: Any, i: int, mpath: str) -> ModelEntry:
     )
 
 
+def _selftest(d: Any, classes: list[str], ids: list[str], mpath: str) -> tuple[FileEntry, ...]:
+    """The optional ``selftest`` entry: sample files (hashed like model files) and labels."""
+    if d is None:
+        return ()
+    where = f"{mpath}: selftest"
+    if not isinstance(d, dict):
+        raise EdgecellsError(f"{where}: must be an object")
+    mid = d.get("model_id")
+    if mid is not None and mid not in ids:
+        raise EdgecellsError(f"{where}: model_id {mid!r} is not a model of this bundle")
+    samples = d.get("samples", [])
+    if not isinstance(samples, list) or len(samples) > SELFTEST_MAX_SAMPLES:
+        raise EdgecellsError(
+            f"{where}: samples must be a list of at most {SELFTEST_MAX_SAMPLES} entries"
+        )
+    out = []
+    for s in samples:
+        fe = _file(s, where)
+        label = s.get("label")
+        if label not in classes:
+            raise EdgecellsError(f"{where}: sample {fe.path} has unknown label {label!r}")
+        out.append(fe)
+    return tuple(out)
+
+
+def referenced_files(manifest: dict[str, Any]) -> list[str]:
+    """Every file path a (parsed) manifest references: model files, then self-test samples."""
+    paths: list[str] = []
+    for m in manifest.get("models", []):
+        for f in m.get("files") or [{"path": m.get("path")}]:
+            if f.get("path") not in paths:
+                paths.append(f["path"])
+    st = manifest.get("selftest")
+    if isinstance(st, dict):
+        for s in st.get("samples", []):
+            if s.get("path") not in paths:
+                paths.append(s["path"])
+    return paths
+
+
 def parse_manifest(manifest: Any, mpath: str = MANIFEST_NAME) -> dict[str, Any]:
     """Check a manifest object against schema v1; returns the parsed fields.
 
@@ -409,6 +543,11 @@ def parse_manifest(manifest: Any, mpath: str = MANIFEST_NAME) -> dict[str, Any]:
     if pre.get("stats", "crop") != "crop":
         raise EdgecellsError(f'{mpath}: preprocessing.stats must be "crop"')
     thresholds = _req(manifest, "thresholds", dict, mpath)
+    screening = thresholds.get("screening", {})
+    if screening is not None and not isinstance(screening, dict):
+        raise EdgecellsError(f"{mpath}: thresholds.screening must be an object")
+    check_ranges(manifest, mpath)
+    _no_nonfinite(manifest, mpath)
     models_raw = _req(manifest, "models", list, mpath)
     if not models_raw:
         raise EdgecellsError(f"{mpath}: bundle lists no models")
@@ -432,6 +571,7 @@ def parse_manifest(manifest: Any, mpath: str = MANIFEST_NAME) -> dict[str, Any]:
     provenance = manifest.get("provenance") or {}
     if not isinstance(validation, dict) or not isinstance(provenance, dict):
         raise EdgecellsError(f"{mpath}: validation and provenance must be objects")
+    selftest = _selftest(manifest.get("selftest"), classes, ids, mpath)
     return {
         "name": str(manifest.get("name", "")),
         "task": task,
@@ -444,19 +584,47 @@ def parse_manifest(manifest: Any, mpath: str = MANIFEST_NAME) -> dict[str, Any]:
         "models": models,
         "validation": validation,
         "provenance": provenance,
+        "selftest": selftest,
     }
 
 
-def read_manifest(root: Path) -> dict[str, Any]:
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def loads_strict(text: str | bytes) -> Any:
+    """``json.loads`` that refuses NaN, Infinity and -Infinity (not JSON; strict parsers
+    reject them and they switch range checks off)."""
+    return json.loads(text, parse_constant=_no_constant)
+
+
+def read_manifest_bytes(root: Path) -> bytes:
+    """The bytes of root/manifest.json: a regular file (not a link), size-limited."""
     mpath = root / MANIFEST_NAME
+    if mpath.is_symlink():
+        raise EdgecellsError(f"{mpath}: is a symbolic link (refused; copy the file itself)")
     if not mpath.is_file():
         raise EdgecellsError(f"{mpath}: missing (not a model bundle folder)")
-    if mpath.stat().st_size > MAX_MANIFEST_BYTES:
-        raise EdgecellsError(f"{mpath}: manifest too large")
     try:
-        return json.loads(mpath.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        if mpath.stat().st_size > MAX_MANIFEST_BYTES:
+            raise EdgecellsError(f"{mpath}: manifest too large")
+        return mpath.read_bytes()
+    except OSError as exc:
+        raise EdgecellsError(f"{mpath}: cannot read ({exc.strerror or exc})") from None
+
+
+def decode_manifest(data: bytes, mpath: str | os.PathLike[str]) -> Any:
+    """JSON of a manifest. NaN/Infinity are parsed here so that parse_manifest can name
+    the key that holds one (and refuse it)."""
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
         raise EdgecellsError(f"{mpath}: not valid JSON ({exc})") from None
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    """Parse root/manifest.json (JSON only; the schema is checked by parse_manifest)."""
+    return decode_manifest(read_manifest_bytes(root), root / MANIFEST_NAME)
 
 
 def write_manifest(root: str | os.PathLike[str], manifest: dict[str, Any]) -> Path:

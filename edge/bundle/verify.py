@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from edgecells.edge.bundle.manifest import MANIFEST_NAME, FileEntry, ModelEntry
@@ -30,24 +31,25 @@ def file_entry(root: str | os.PathLike[str], relpath: str) -> FileEntry:
     return FileEntry(path=relpath, sha256=sha256_file(p), bytes=p.stat().st_size)
 
 
-def verify_files(root: Path, models: list[ModelEntry]) -> None:
-    """Check size and SHA-256 of every listed file; EdgecellsError naming the file."""
+def verify_files(root: Path, models: list[ModelEntry], extra: Iterable[FileEntry] = ()) -> None:
+    """Check size and SHA-256 of every listed file (model files, then ``extra`` such as
+    the self-test samples); EdgecellsError naming the file."""
     rroot = root.resolve()
-    for m in models:
-        for f in m.files:
-            p = root / f.path
-            if p.is_symlink() or (p.exists() and not p.resolve().is_relative_to(rroot)):
-                raise EdgecellsError(f"{p}: is a link or lies outside the bundle (refused)")
-            if not p.is_file():
-                raise EdgecellsError(f"{p}: missing (listed in {MANIFEST_NAME})")
-            size = p.stat().st_size
-            if size != f.bytes:
-                what = "truncated" if size < f.bytes else "wrong size"
-                raise EdgecellsError(
-                    f"{p}: {what} ({size} bytes, manifest says {f.bytes}); the file is "
-                    "damaged or does not belong to this bundle"
-                )
-            if sha256_file(p) != f.sha256:
-                raise EdgecellsError(
-                    f"{p}: SHA-256 mismatch (file modified or corrupted); refusing to load it"
-                )
+    entries = [f for m in models for f in m.files] + list(extra)
+    for f in entries:
+        p = root / f.path
+        if p.is_symlink() or (p.exists() and not p.resolve().is_relative_to(rroot)):
+            raise EdgecellsError(f"{p}: is a link or lies outside the bundle (refused)")
+        if not p.is_file():
+            raise EdgecellsError(f"{p}: missing (listed in {MANIFEST_NAME})")
+        size = p.stat().st_size
+        if size != f.bytes:
+            what = "truncated" if size < f.bytes else "wrong size"
+            raise EdgecellsError(
+                f"{p}: {what} ({size} bytes, manifest says {f.bytes}); the file is "
+                "damaged or does not belong to this bundle"
+            )
+        if sha256_file(p) != f.sha256:
+            raise EdgecellsError(
+                f"{p}: SHA-256 mismatch (file modified or corrupted); refusing to load it"
+            )
