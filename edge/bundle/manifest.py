@@ -68,6 +68,7 @@ RANGES: list[Range] = [
     Range("thresholds.screening.confidence", "number", 0.5, 1.0, hi_open=True),
     Range("thresholds.screening.false_positive_rate", "number", 0.0, 1.0, hi_open=True),
     Range("crop.side_um", "number", 0.0, 500.0),  # 0 = no fixed physical side
+    Range("preprocessing.pixel_size_um", "number", 0.005, 10.0),  # model input, µm/px
     Range("crop.min_side_factor", "number", 0.5, 10.0),
     Range("crop.training_side_px", "int", 8, 4096),
 ]
@@ -219,7 +220,13 @@ class Bundle:
         """The model's input pixel size, µm/px (older bundles: crop side_um / input_size)."""
         px = self.preprocessing.get("pixel_size_um")
         if px is None:
-            return float(self.crop.get("side_um", 24.0)) / self.input_size
+            side = float(self.crop.get("side_um", 24.0) or 0.0)
+            if side <= 0:
+                raise EdgecellsError(
+                    f"{self.root / MANIFEST_NAME}: the bundle records no physical field "
+                    "(crop.side_um 0, no preprocessing.pixel_size_um); reconvert it"
+                )
+            return side / self.input_size
         return float(px)
 
     @property
@@ -527,15 +534,8 @@ def parse_manifest(manifest: Any, mpath: str = MANIFEST_NAME) -> dict[str, Any]:
         raise EdgecellsError(f"{mpath}: stain_normalization {method!r} but no stain_target")
     crop = _req(manifest, "crop", dict, mpath)
     px = pre.get("pixel_size_um")
-    if px is not None and (
-        isinstance(px, bool) or not isinstance(px, (int, float)) or not 0.005 <= px <= 10
-    ):
-        raise EdgecellsError(f"{mpath}: preprocessing.pixel_size_um must be 0.005..10 µm/px")
     side = crop.get("side_um")
-    if side is not None and (
-        isinstance(side, bool) or not isinstance(side, (int, float)) or not 0 < side <= 1000
-    ):
-        raise EdgecellsError(f"{mpath}: crop.side_um must be a number of micrometres > 0")
+    check_ranges({"preprocessing": pre, "crop": crop}, mpath)  # types before arithmetic
     if px is not None and side is not None and abs(side - px * size) > 0.01 * side:
         raise EdgecellsError(
             f"{mpath}: crop.side_um ({side}) must equal input_size x pixel_size_um ({size} x {px})"
