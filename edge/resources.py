@@ -10,6 +10,7 @@ from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SAMPLES_DIR = DATA_DIR / "samples"  # three BCCD frames: the default source of `screen`
+REFERENCE_BUNDLE_DIR = DATA_DIR / "bundles" / "reference"  # the shipped default bundle
 
 
 def sample_frames() -> list[Path]:
