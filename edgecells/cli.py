@@ -48,6 +48,7 @@ COMMAND_MODULES = [
     "edgecells.commands.doctor",
     "edgecells.commands.train",
     "edgecells.commands.classify",
+    "edgecells.commands.adapt",
 ]
 
 
