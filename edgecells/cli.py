@@ -47,6 +47,7 @@ COMMAND_MODULES = [
     "edgecells.commands.convert",
     "edgecells.commands.doctor",
     "edgecells.commands.train",
+    "edgecells.commands.classify",
     "edgecells.commands.adapt",
 ]
 

@@ -269,8 +269,10 @@ def test_backend_parity_on_device_crops(device_crops, other: str) -> None:  # no
 
 @pytest.mark.parametrize("other", ["onnxruntime", "openvino"])
 def test_backend_parity_on_pbc_crops(other: str) -> None:
-    """On in-domain crops (the PBC fixtures through the device's prepare_crop) the runtimes
-    agree with LiteRT on at least 95% of labels and on every clear-cut one."""
+    """On in-domain crops (the PBC fixtures through the device's prepare_crop, at the
+    bundle's field) the runtimes agree with LiteRT on at least 95% of labels and on every
+    clear-cut one."""
+    from edgecells.calibration.pixel_sizes import PIXEL_SIZE_UM
     from edgecells.edge.backends import available_backends
     from edgecells.edge.imageio import list_images, read_image
     from edgecells.edge.preprocess import prepare_crop
@@ -278,11 +280,12 @@ def test_backend_parity_on_pbc_crops(other: str) -> None:
 
     if other not in available_backends():
         pytest.skip(f"{other} not installed")
+    PBC_PIXEL_UM = PIXEL_SIZE_UM["pbc"]  # noqa: N806
     b = load_bundle(None)
     norm = ReinhardNormalizer(b.load_stain_target())
     x = np.stack(
         [
-            prepare_crop(read_image(p), norm, b.input_size)
+            prepare_crop(read_image(p), norm, b.input_size, PBC_PIXEL_UM, b.pixel_size_um)
             for p in list_images(Path(__file__).parent / "fixtures" / "pbc")
         ]
     )
