@@ -18,8 +18,13 @@ Keys (section, key = default: meaning)::
     gallery_max = 48         # most crops per gallery (abnormal, unidentified) in report.html
 
     [camera]
-    pixel_size_um = 0.073    # size of one camera pixel on the slide, micrometres/pixel (the
-                             # BCCD sample frames: ~0.073, from a 7.5 um red cell ~103 px)
+    pixel_size_um = 0.073    # size of one camera pixel on the slide, micrometres/pixel, from
+                             # a stage micrometer (best); "auto" = estimated at the start of
+                             # each session from the red cells of the first scale_frames
+                             # frames (edge/scale.py; assumes normal 7.5 um red cells). The
+                             # BCCD sample frames: 0.074 (red cells, calibration/pixel_sizes.py)
+    scale_frames = 10        # frames read for the "auto" estimate and the doctor's check
+    rbc_diameter_um = 7.5    # red-cell diameter assumed by the estimate (normal blood 7.5-8)
     width = 640              # requested capture size (cameras only; files keep their size)
     height = 480
     exposure_us = 0          # fixed exposure in microseconds; 0 = meter once at start, then lock
@@ -87,6 +92,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 BACKENDS = ("auto", "litert", "openvino", "onnxruntime", "tensorrt")
+AUTO = "auto"  # [camera] pixel_size_um: estimated from red cells (edge/scale.py)
 
 
 @dataclass
@@ -101,7 +107,9 @@ class SessionConfig:
 
 @dataclass
 class CameraConfig:
-    pixel_size_um: float = 0.073
+    pixel_size_um: float | str = 0.073
+    scale_frames: int = 10
+    rbc_diameter_um: float = 7.5
     width: int = 640
     height: int = 480
     exposure_us: int = 0
@@ -124,12 +132,16 @@ class DetectConfig:
     nucleus_min_um2: float = 12.0
     platelet_min_um2: float = 0.3
     platelet_max_um2: float = 12.0
-    stain_threshold: int = 0
-    stain_threshold_min: int = 20
-    stain_threshold_max: int = 80
+    stain_od: float = 0.0
+    stain_od_min: float = 0.3
+    stain_level_pct: float = 50.0
+    stain_level_factor: float = 2.0
+    stain_level_offset: float = 0.15
+    cell_od: float = 0.15
     edge_margin_um: float = 0.0
     work_pixel_um: float = 0.15
     join_um: float = 0.3
+    open_um: float = 0.3
     lobe_merge_um: float = 10.0
     absorb_um: float = 1.0
     rbc_min_radius_um: float = 2.0
@@ -196,7 +208,13 @@ def _coerce(where: str, value: Any, default: Any) -> Any:
 def _validate(cfg: Config, name: str) -> None:
     c = cfg
     checks = [
-        (c.camera.pixel_size_um > 0, "camera.pixel_size_um must be > 0"),
+        (
+            c.camera.pixel_size_um == AUTO
+            or (not isinstance(c.camera.pixel_size_um, str) and c.camera.pixel_size_um > 0),
+            'camera.pixel_size_um must be > 0 or "auto"',
+        ),
+        (c.camera.scale_frames >= 1, "camera.scale_frames must be >= 1"),
+        (c.camera.rbc_diameter_um > 0, "camera.rbc_diameter_um must be > 0"),
         (c.camera.width > 0 and c.camera.height > 0, "camera.width/height must be > 0"),
         (len(c.camera.awb_gains) in (0, 2), "camera.awb_gains must be [] or [red, blue]"),
         (c.camera.reopen_attempts >= 0, "camera.reopen_attempts must be >= 0"),
@@ -205,7 +223,11 @@ def _validate(cfg: Config, name: str) -> None:
         (c.inference.threads >= 1, "inference.threads must be >= 1"),
         (c.inference.batch >= 1, "inference.batch must be >= 1"),
         (c.session.frames >= 0, "session.frames must be >= 0"),
-        (0 <= c.detect.stain_threshold <= 255, "detect.stain_threshold must be 0..255"),
+        (0 <= c.detect.stain_od <= 2.5, "detect.stain_od must be 0..2.5"),
+        (0 < c.detect.stain_od_min <= 2.5, "detect.stain_od_min must be in (0, 2.5]"),
+        (0 <= c.detect.stain_level_pct <= 100, "detect.stain_level_pct must be 0..100"),
+        (c.detect.stain_level_factor >= 0, "detect.stain_level_factor must be >= 0"),
+        (c.detect.cell_od > 0, "detect.cell_od must be > 0"),
         (
             0 < c.detect.platelet_min_um2 < c.detect.platelet_max_um2,
             "detect.platelet_min_um2 must be > 0 and < platelet_max_um2",
@@ -240,6 +262,11 @@ def config_from_dict(data: dict[str, Any], name: str = "config") -> Config:
             if key not in known:
                 raise EdgecellsError(f"{name}: unknown key {section}.{key}")
             where = f"{name}: {section}.{key}"
+            if (section, key) == ("camera", "pixel_size_um") and isinstance(value, str):
+                if value != AUTO:
+                    raise EdgecellsError(f'{where}: expected a number or "auto", got {value!r}')
+                sub.pixel_size_um = AUTO
+                continue
             setattr(sub, key, _coerce(where, value, getattr(sub, key)))
     _validate(cfg, name)
     return cfg

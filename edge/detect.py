@@ -61,7 +61,7 @@ class Detections:
 
     cells: list[Cell] = field(default_factory=list)
     red_cells: int = 0
-    threshold: int = 0
+    threshold: float = 0.0  # stain threshold used, optical density units
 
     @property
     def nucleated(self) -> list[Cell]:
@@ -72,11 +72,25 @@ class Detections:
         return [c for c in self.cells if c.kind == PLATELET]
 
 
+LOG_LUT = np.log(np.maximum(np.arange(256, dtype=np.float64), 0.5)).astype(np.float32)
+
+
+def glass_colour(image: np.ndarray, top: float = 0.9) -> np.ndarray:
+    """The colour of the glass (the brightest tenth of a subsample), float RGB >= 1."""
+    sub = image[::2, ::2].reshape(-1, 3)
+    if sub.shape[0] == 0:
+        return np.ones(3)
+    grey = sub.sum(axis=1, dtype=np.int32)
+    k = int(top * (len(grey) - 1))
+    t = np.partition(grey, k)[k]
+    return np.maximum(sub[grey >= t].mean(axis=0), 1.0)
+
+
 class CellDetector:
     """Finds nucleated cells and platelets; ``pixel_size_um`` is the camera's µm/pixel."""
 
     def __init__(self, config: DetectConfig | None = None, pixel_size_um: float = 0.073) -> None:
-        if pixel_size_um <= 0:
+        if not pixel_size_um > 0:
             raise EdgecellsError(f"pixel size must be > 0 um/pixel, got {pixel_size_um}")
         self.cfg = config or DetectConfig()
         self.pixel_size_um = float(pixel_size_um)
@@ -92,7 +106,9 @@ class CellDetector:
         self.rbc_r_px = max(1.0, self.cfg.rbc_min_radius_um / self.work_um)
         d = max(1, int(round(self.cfg.join_um / self.work_um)))
         self._join = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * d + 1, 2 * d + 1))
-        self._open = np.ones((2, 2), np.uint8)
+        o = int(round(self.cfg.open_um / self.work_um))
+        self._open = np.ones((o, o), np.uint8) if o >= 2 else None
+        self._glass = np.full(3, 255.0)
 
     def _shrink(self, frame: np.ndarray) -> np.ndarray:
         if self.scale == 1:
@@ -101,22 +117,47 @@ class CellDetector:
         size = (max(1, w // self.scale), max(1, h // self.scale))
         return cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
 
+    def stain_channel(self, small: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The nuclear-stain channel (uint8, 100 x optical density) and the glass colour."""
+        glass = glass_colour(small)
+        self._glass = glass
+        lb = cv2.LUT(small[:, :, 2], LOG_LUT)
+        lg = cv2.LUT(small[:, :, 1], LOG_LUT)
+        # 100 x (OD_green - OD_blue) relative to the glass; saturating to 0..255
+        off = float(np.log(glass[2]) - np.log(glass[1]))
+        f = cv2.subtract(lb, lg)
+        f = (f - off) * 100.0
+        np.clip(f, 0, 255, out=f)
+        return f.astype(np.uint8), glass
+
+    def threshold(self, s: np.ndarray, small: np.ndarray) -> float:
+        """The frame's stain threshold (optical density): ``stain_od`` when set, else
+        ``stain_level_factor`` x the red cells' stain level (the ``stain_level_pct``
+        percentile of the channel over cell-covered pixels, darker than
+        ``cell_od`` below the glass; none when they cover under 5% of the frame) plus
+        ``stain_level_offset``, at least ``stain_od_min``."""
+        cfg = self.cfg
+        if cfg.stain_od > 0:
+            return float(cfg.stain_od)
+        sub = small[::2, ::2]
+        grey = sub.sum(axis=2, dtype=np.int32)
+        glass = float(self._glass.sum())
+        cells = s[::2, ::2][grey < glass * np.exp(-cfg.cell_od)]
+        # a field with few cells (under 5% of the frame) has no red-cell level to go by
+        sparse = cells.size < 0.05 * grey.size
+        level = 0.0 if sparse else float(np.percentile(cells, cfg.stain_level_pct)) / 100.0
+        return max(cfg.stain_od_min, cfg.stain_level_factor * level + cfg.stain_level_offset)
+
     def detect(self, frame: np.ndarray) -> Detections:
         """Detect cells in an RGB uint8 HxWx3 frame."""
         if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
             raise EdgecellsError(f"detect: expected RGB uint8 HxWx3, got {frame.shape}")
         small = self._shrink(frame)
-        r = small[:, :, 0]
-        b = small[:, :, 2]
-        s = cv2.subtract(b, r)  # saturating uint8: clip(B - R, 0, 255)
-        cfg = self.cfg
-        if cfg.stain_threshold > 0:
-            t = int(cfg.stain_threshold)
-        else:
-            otsu, _ = cv2.threshold(s, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-            t = int(min(max(otsu, cfg.stain_threshold_min), cfg.stain_threshold_max))
-        mask = (s > t).astype(np.uint8)
-        mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, self._open)
+        s, _ = self.stain_channel(small)
+        t = self.threshold(s, small)
+        mask = (s > int(round(t * 100))).astype(np.uint8)
+        if self._open is not None:
+            mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, self._open)
         joined = cv2.dilate(mask, self._join)
         n, labels, stats, _ = cv2.connectedComponentsWithStats(joined, connectivity=8)
         cells: list[Cell] = []

@@ -38,6 +38,9 @@ CELL_FIELDS = (
     "y",
     "w",
     "h",
+    "crop_x",
+    "crop_y",
+    "crop_side",
     "kind",
     "label",
     "confidence",
@@ -188,7 +191,8 @@ def rewrite_csv(path: Path, fields: tuple[str, ...], rows: list[dict[str, Any]])
 def annotate_frame(
     frame: np.ndarray, cells: list[dict[str, Any]], classes: list[str]
 ) -> np.ndarray:
-    """A copy of the frame with boxes coloured by class and short labels."""
+    """A copy of the frame with each detected cell's own box (``x, y, w, h``; not the
+    crop square) coloured by class and short labels."""
     img = np.ascontiguousarray(frame.copy())
     for c in cells:
         label = c["label"]
