@@ -43,14 +43,35 @@ Keys (section, key = default: meaning)::
     nucleus_min_um2 = 12.0   # smallest stained area accepted as a nucleated cell, um^2
     platelet_min_um2 = 0.3   # platelet stained-area range, um^2
     platelet_max_um2 = 12.0
-    stain_threshold = 0      # nuclear-stain channel threshold 0..255; 0 = Otsu per frame,
-                             # clamped to [stain_threshold_min, stain_threshold_max]
-    stain_threshold_min = 20
-    stain_threshold_max = 80
+    stain_od = 0.0           # nuclear-stain threshold, optical density of (green - blue)
+                             # relative to the glass; 0 = per frame: stain_level_factor x the
+                             # red cells' level (stain_level_pct percentile over pixels darker
+                             # than cell_od below the glass) + stain_level_offset, at least
+                             # stain_od_min (fitted on BCCD trainval + DeepBioNet train/val)
+    stain_od_min = 0.3
+    stain_level_pct = 50.0
+    stain_level_factor = 2.0
+    stain_level_offset = 0.15
+    cell_od = 0.15
+    platelet_od_min = 0.2    # platelets: their own (lower) threshold, same rule with these
+    platelet_level_factor = 1.5
+    platelet_level_offset = 0.1
+    platelet_open_um = 0.9   # opening (disc) removing thin red-cell rims from platelet candidates
+    platelet_min_fill = 0.4  # stained share of the candidate's box
+    platelet_min_glass = 0.2 # share of glass in a platelet_context_um square around it
+    platelet_context_um = 5.0
+    platelet_clear_um = 1.0  # no platelet this close to a nucleated cell's box (granules)
     edge_margin_um = 0.0     # drop cells whose centre lies closer than this to the border
     work_pixel_um = 0.15     # detection runs on the frame shrunk to about this um/pixel
     join_um = 0.3            # dilation radius joining the stained parts of one nucleus
+    open_um = 0.3            # opening (noise removal) square side; none below 2 work pixels
     lobe_merge_um = 10.0     # nuclear parts with centroids closer than this = one cell
+    split_um = 0.0           # touching white cells: split a component whose opening by this
+                             # radius leaves cores >= split_min_um2 at least split_dist_um
+                             # apart; 0 = off (it splits BCCD 00313 but also bilobed and
+                             # segmented nuclei: benchmarks/RESULTS.md)
+    split_min_um2 = 25.0
+    split_dist_um = 9.0
     absorb_um = 1.0          # small stained bits this close to a nucleus belong to it
     rbc_min_radius_um = 2.0  # red-cell count: distance-transform peaks this deep and apart
     rbc_min_contrast = 12    # red cells must be this much darker (green, 0..255) than glass
@@ -138,11 +159,22 @@ class DetectConfig:
     stain_level_factor: float = 2.0
     stain_level_offset: float = 0.15
     cell_od: float = 0.15
+    platelet_od_min: float = 0.2
+    platelet_level_factor: float = 1.5
+    platelet_level_offset: float = 0.1
+    platelet_min_fill: float = 0.4
+    platelet_min_glass: float = 0.2
+    platelet_context_um: float = 5.0
+    platelet_clear_um: float = 1.0
+    platelet_open_um: float = 0.9
     edge_margin_um: float = 0.0
     work_pixel_um: float = 0.15
     join_um: float = 0.3
     open_um: float = 0.3
     lobe_merge_um: float = 10.0
+    split_um: float = 0.0
+    split_min_um2: float = 25.0
+    split_dist_um: float = 9.0
     absorb_um: float = 1.0
     rbc_min_radius_um: float = 2.0
     rbc_min_contrast: int = 12
