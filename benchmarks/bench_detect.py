@@ -210,7 +210,8 @@ def main() -> None:
             result["speed_ms_per_frame"] = speed
             if not args.json:
                 print(
-                    f"speed (one thread, best pass, {len(imgs)} 640x480 frames): new {speed['new']:.2f} ms,"
+                    f"speed (one thread, best pass, {len(imgs)} 640x480 frames): "
+                    f"new {speed['new']:.2f} ms,"
                     f" old {speed['old']:.2f} ms, ratio {speed['ratio_new_over_old']:.2f}"
                 )
     if args.json:

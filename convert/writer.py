@@ -105,7 +105,8 @@ def build_manifest(
     crop: dict[str, Any] | None = None,
     thresholds: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A schema-v1 manifest (see edge/bundle.py); crop/thresholds default from defaults.json."""
+    """A schema-v1 manifest (see edge/bundle/__init__.py); crop/thresholds default from
+    defaults.json."""
     from edgecells import __version__
 
     d = defaults()
@@ -146,14 +147,21 @@ def write(root: str | os.PathLike[str], manifest: dict[str, Any]) -> Path:
 
 
 def archive(bundle_dir: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
-    """Pack the manifest and the files it lists into ``dest`` (.tar.gz, .tgz or .zip).
+    """Pack the manifest, its signature (when signed) and every file the manifest
+    references (model files and self-test samples) into ``dest`` (.tar.gz, .tgz or .zip).
 
-    Members sit under one top folder named after the bundle; only listed files go in.
+    Members sit under one top folder named after the bundle; only these files go in. The
+    bundle is verified first (an archive of a broken bundle is never made).
     """
+    from edgecells.edge.bundle import load_bundle, referenced_files
+    from edgecells.edge.bundle.signing import SIGNATURE_NAME
+
     root = Path(bundle_dir)
     out = Path(dest)
-    manifest = json.loads((root / MANIFEST_NAME).read_text(encoding="utf-8"))
-    files = [MANIFEST_NAME] + [f["path"] for m in manifest["models"] for f in m["files"]]
+    b = load_bundle(root)
+    files = [MANIFEST_NAME] + referenced_files(b.manifest)
+    if (root / SIGNATURE_NAME).is_file():
+        files.append(SIGNATURE_NAME)
     top = root.resolve().name or "bundle"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")

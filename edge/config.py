@@ -96,10 +96,21 @@ Keys (section, key = default: meaning)::
     confidence = -1.0        # one-sided confidence that the fraction exceeds the threshold
     min_confidence = -1.0    # top-probability cut-off below which a cell is "unidentified"
     false_positive_rate = -1.0  # classifier's per-cell normal->abnormal rate
+
+    [bundle]
+    trusted_keys = "/etc/edgecells/trusted-keys"   # folder (or file) of Ed25519 public
+                             # keys (PEM *.pub / *.pem). With at least one key installed,
+                             # unsigned or wrongly signed bundles are refused; without,
+                             # they load with a warning. $EDGECELLS_TRUSTED_KEYS adds more
+                             # (os.pathsep-separated); "" = only the environment variable
+
+Every number must be finite (nan and inf are refused) and within the range its key allows
+(see ``_validate``).
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -198,6 +209,11 @@ class ScreeningConfig:
 
 
 @dataclass
+class BundleConfig:
+    trusted_keys: str = "/etc/edgecells/trusted-keys"
+
+
+@dataclass
 class Config:
     session: SessionConfig = field(default_factory=SessionConfig)
     camera: CameraConfig = field(default_factory=CameraConfig)
@@ -205,6 +221,7 @@ class Config:
     detect: DetectConfig = field(default_factory=DetectConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
     screening: ScreeningConfig = field(default_factory=ScreeningConfig)
+    bundle: BundleConfig = field(default_factory=BundleConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -223,6 +240,8 @@ def _coerce(where: str, value: Any, default: Any) -> Any:
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise EdgecellsError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(float(value)):
+            raise EdgecellsError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if isinstance(default, str):
         if not isinstance(value, str):
@@ -230,42 +249,84 @@ def _coerce(where: str, value: Any, default: Any) -> Any:
         return value
     if isinstance(default, list):
         if not isinstance(value, list) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for v in value
         ):
-            raise EdgecellsError(f"{where}: expected a list of numbers, got {value!r}")
+            raise EdgecellsError(f"{where}: expected a list of finite numbers, got {value!r}")
         return [float(v) for v in value]
     raise EdgecellsError(f"{where}: unsupported value {value!r}")  # pragma: no cover
 
 
 def _validate(cfg: Config, name: str) -> None:
     c = cfg
+    d = c.detect
+    # Values outside these ranges are typing mistakes (a pixel of 1e9 um, a negative
+    # distance), not settings: refused, so that no gate silently switches off.
     checks = [
         (
             c.camera.pixel_size_um == AUTO
-            or (not isinstance(c.camera.pixel_size_um, str) and c.camera.pixel_size_um > 0),
-            'camera.pixel_size_um must be > 0 or "auto"',
+            or (
+                not isinstance(c.camera.pixel_size_um, str)
+                and 0.005 <= c.camera.pixel_size_um <= 20
+            ),
+            'camera.pixel_size_um must be in [0.005, 20] micrometres per pixel, or "auto"',
         ),
-        (c.camera.scale_frames >= 1, "camera.scale_frames must be >= 1"),
-        (c.camera.rbc_diameter_um > 0, "camera.rbc_diameter_um must be > 0"),
-        (c.camera.width > 0 and c.camera.height > 0, "camera.width/height must be > 0"),
-        (len(c.camera.awb_gains) in (0, 2), "camera.awb_gains must be [] or [red, blue]"),
-        (c.camera.reopen_attempts >= 0, "camera.reopen_attempts must be >= 0"),
-        (c.camera.reopen_backoff_s >= 0, "camera.reopen_backoff_s must be >= 0"),
-        (c.inference.backend in BACKENDS, f"inference.backend must be one of {BACKENDS}"),
-        (c.inference.threads >= 1, "inference.threads must be >= 1"),
-        (c.inference.batch >= 1, "inference.batch must be >= 1"),
-        (c.session.frames >= 0, "session.frames must be >= 0"),
-        (0 <= c.detect.stain_od <= 2.5, "detect.stain_od must be 0..2.5"),
-        (0 < c.detect.stain_od_min <= 2.5, "detect.stain_od_min must be in (0, 2.5]"),
-        (0 <= c.detect.stain_level_pct <= 100, "detect.stain_level_pct must be 0..100"),
-        (c.detect.stain_level_factor >= 0, "detect.stain_level_factor must be >= 0"),
-        (c.detect.cell_od > 0, "detect.cell_od must be > 0"),
+        (1 <= c.camera.scale_frames <= 1000, "camera.scale_frames must be in 1..1000"),
+        (1 <= c.camera.rbc_diameter_um <= 20, "camera.rbc_diameter_um must be in [1, 20]"),
         (
-            0 < c.detect.platelet_min_um2 < c.detect.platelet_max_um2,
+            0 < c.camera.width <= 16384 and 0 < c.camera.height <= 16384,
+            "camera.width/height must be in 1..16384",
+        ),
+        (len(c.camera.awb_gains) in (0, 2), "camera.awb_gains must be [] or [red, blue]"),
+        (all(0 < g <= 32 for g in c.camera.awb_gains), "camera.awb_gains must be in (0, 32]"),
+        (c.camera.exposure_us >= 0, "camera.exposure_us must be >= 0"),
+        (0 <= c.camera.analogue_gain <= 64, "camera.analogue_gain must be in [0, 64]"),
+        (c.camera.warmup_frames >= 0, "camera.warmup_frames must be >= 0"),
+        (c.camera.reopen_attempts >= 0, "camera.reopen_attempts must be >= 0"),
+        (0 <= c.camera.reopen_backoff_s <= 60, "camera.reopen_backoff_s must be in [0, 60]"),
+        (c.inference.backend in BACKENDS, f"inference.backend must be one of {BACKENDS}"),
+        (1 <= c.inference.threads <= 256, "inference.threads must be in 1..256"),
+        (1 <= c.inference.batch <= 4096, "inference.batch must be in 1..4096"),
+        (c.session.frames >= 0, "session.frames must be >= 0"),
+        (c.session.gallery_max >= 0, "session.gallery_max must be >= 0"),
+        (0 <= d.stain_od <= 2.5, "detect.stain_od must be in [0, 2.5]"),
+        (0 < d.stain_od_min <= 2.5, "detect.stain_od_min must be in (0, 2.5]"),
+        (0 <= d.stain_level_pct <= 100, "detect.stain_level_pct must be in [0, 100]"),
+        (0 <= d.stain_level_factor <= 100, "detect.stain_level_factor must be in [0, 100]"),
+        (-2.5 <= d.stain_level_offset <= 2.5, "detect.stain_level_offset must be in [-2.5, 2.5]"),
+        (0 < d.cell_od <= 2.5, "detect.cell_od must be in (0, 2.5]"),
+        (0 < d.platelet_od_min <= 2.5, "detect.platelet_od_min must be in (0, 2.5]"),
+        (0 <= d.platelet_level_factor <= 100, "detect.platelet_level_factor must be in [0, 100]"),
+        (
+            -2.5 <= d.platelet_level_offset <= 2.5,
+            "detect.platelet_level_offset must be in [-2.5, 2.5]",
+        ),
+        (0 <= d.platelet_open_um <= 100, "detect.platelet_open_um must be in [0, 100]"),
+        (0 <= d.platelet_min_fill <= 1, "detect.platelet_min_fill must be in [0, 1]"),
+        (0 <= d.platelet_min_glass <= 1, "detect.platelet_min_glass must be in [0, 1]"),
+        (0 < d.platelet_context_um <= 1000, "detect.platelet_context_um must be in (0, 1000]"),
+        (0 <= d.platelet_clear_um <= 1000, "detect.platelet_clear_um must be in [0, 1000]"),
+        (0 <= d.open_um <= 100, "detect.open_um must be in [0, 100]"),
+        (0 <= d.split_um <= 100, "detect.split_um must be in [0, 100]"),
+        (0 < d.split_min_um2 <= 10000, "detect.split_min_um2 must be in (0, 10000]"),
+        (0 <= d.split_dist_um <= 1000, "detect.split_dist_um must be in [0, 1000]"),
+        (
+            0 < d.platelet_min_um2 < d.platelet_max_um2,
             "detect.platelet_min_um2 must be > 0 and < platelet_max_um2",
         ),
-        (c.detect.nucleus_min_um2 > 0, "detect.nucleus_min_um2 must be > 0"),
+        (0 < d.nucleus_min_um2 <= 10000, "detect.nucleus_min_um2 must be in (0, 10000]"),
+        (d.platelet_max_um2 <= 10000, "detect.platelet_max_um2 must be <= 10000"),
+        (0.01 <= d.work_pixel_um <= 20, "detect.work_pixel_um must be in [0.01, 20]"),
+        (0 <= d.edge_margin_um <= 1000, "detect.edge_margin_um must be in [0, 1000]"),
+        (0 <= d.join_um <= 100, "detect.join_um must be in [0, 100]"),
+        (0 <= d.lobe_merge_um <= 1000, "detect.lobe_merge_um must be in [0, 1000]"),
+        (0 <= d.absorb_um <= 100, "detect.absorb_um must be in [0, 100]"),
+        (0 < d.rbc_min_radius_um <= 100, "detect.rbc_min_radius_um must be in (0, 100]"),
+        (0 <= d.rbc_min_contrast <= 255, "detect.rbc_min_contrast must be 0..255"),
+        (c.quality.focus_min >= 0, "quality.focus_min must be >= 0"),
         (0 <= c.quality.clipped_max <= 1, "quality.clipped_max must be in [0, 1]"),
+        (c.quality.stain_max_distance > 0, "quality.stain_max_distance must be > 0"),
+        (c.quality.empty_min_cells >= 0, "quality.empty_min_cells must be >= 0"),
         (c.screening.min_cells >= 0, "screening.min_cells must be >= 0"),
         (c.screening.threshold < 1, "screening.threshold must be < 1"),
         (
@@ -278,6 +339,21 @@ def _validate(cfg: Config, name: str) -> None:
     for ok, msg in checks:
         if not ok:
             raise EdgecellsError(f"{name}: {msg}")
+
+
+def validate(cfg: Config, name: str = "config") -> Config:
+    """Check a (possibly edited in code) :class:`Config`; EdgecellsError naming the key.
+
+    Command-line overrides are applied to a loaded Config, so commands call this again
+    after setting them."""
+    for section in fields(cfg):
+        sub = getattr(cfg, section.name)
+        for f in fields(sub):
+            v = getattr(sub, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise EdgecellsError(f"{name}: {section.name}.{f.name} must be a finite number")
+    _validate(cfg, name)
+    return cfg
 
 
 def config_from_dict(data: dict[str, Any], name: str = "config") -> Config:

@@ -30,7 +30,6 @@ file). :func:`make_selftest` writes them.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -209,8 +208,15 @@ def run_selftest(bundle: Any, classifier: Any) -> tuple[str, str, str]:
         )
     root = Path(bundle.root)
     crops, expected = [], []
-    for s in entry["samples"]:
-        p = root / str(s.get("path", ""))
+    # paths come from the parsed manifest (plain relative paths inside the bundle; links
+    # and escapes were refused when the bundle loaded)
+    files = getattr(bundle, "selftest", ()) or ()
+    if len(files) != len(entry["samples"]):
+        return FAIL, "self-test entry of the manifest was not checked", "reinstall the bundle"
+    for s, fe in zip(entry["samples"], files):
+        p = root / fe.path
+        if p.is_symlink() or not p.resolve().is_relative_to(root.resolve()):
+            return FAIL, f"{p}: self-test sample is a link or outside the bundle", "reinstall"
         if not p.is_file():
             return FAIL, f"{p}: self-test sample missing", "reinstall the bundle"
         if sha256_file(p) != s.get("sha256"):
@@ -230,6 +236,34 @@ def run_selftest(bundle: Any, classifier: Any) -> tuple[str, str, str]:
             "the bundle (edgecells-update-bundle --rollback)",
         )
     return OK, f"{len(got)} of {len(got)} sample cells got their expected label ({backend})", ""
+
+
+def check_signature(report: Report, bundle: Any, cfg: Any) -> bool:
+    """The signature policy (config ``[bundle] trusted_keys``, ``$EDGECELLS_TRUSTED_KEYS``);
+    False when the bundle is refused."""
+    from edgecells.edge.bundle.signing import check_bundle as check_sig
+
+    try:
+        res = check_sig(bundle, cfg.bundle.trusted_keys)
+    except EdgecellsError as exc:
+        report.add(
+            "signature",
+            FAIL,
+            str(exc),
+            "install a bundle signed by a key this device trusts (edgecells bundle sign), "
+            "or go back: edgecells-update-bundle --rollback",
+        )
+        return False
+    if res.status == "verified":
+        report.add("signature", OK, f"{res.message} ({res.key_file})")
+    else:
+        report.add(
+            "signature",
+            WARN,
+            res.message,
+            "install trusted public keys in /etc/edgecells/trusted-keys to refuse unsigned bundles",
+        )
+    return True
 
 
 def check_bundle(
@@ -259,6 +293,8 @@ def check_bundle(
         OK,
         f"{b.name}: {len(b.models)} models, {len(b.classes)} classes, hashes verified ({b.root})",
     )
+    if not check_signature(report, b, cfg):
+        return
     precision = "int8" if b.formats("int8") else "float32"
     try:
         clf = open_classifier(b, cfg.inference.backend, cfg.inference.threads, precision=precision)
@@ -571,4 +607,6 @@ def run_doctor(
 
 
 def report_json(report: Report) -> str:
-    return json.dumps(report.to_dict(), indent=2)
+    from edgecells.edge.jsonsafe import dumps
+
+    return dumps(report.to_dict(), indent=2)

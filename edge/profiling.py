@@ -58,6 +58,10 @@ def profile_run(
     finally:
         src.close()
     wall = time.perf_counter() - t0
+    if sess.quality.unreadable >= frames:
+        raise EdgecellsError(
+            f"{src.uri}: all {frames} frames were unreadable; nothing was profiled"
+        )
     lat = sess.pipe.latency
     stages = {
         s: {k: v for k, v in h.to_dict().items() if k.endswith("_ms")}

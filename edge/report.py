@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import errno
 import html
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -29,7 +28,8 @@ import cv2
 import numpy as np
 
 from edgecells.edge.errors import EdgecellsError
-from edgecells.edge.imageio import write_image
+from edgecells.edge.imageio import default_file_mode, write_image
+from edgecells.edge.jsonsafe import dumps
 
 CELL_FIELDS = (
     "frame",
@@ -93,10 +93,11 @@ def write_json_atomic(path: Path, data: Any) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=2)
+                f.write(dumps(data, indent=2))
                 f.write("\n")
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, default_file_mode())  # as the CSVs (mkstemp makes 0600)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -112,6 +113,7 @@ def write_text_atomic(path: Path, text: str) -> None:
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
+            os.chmod(tmp, default_file_mode())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -164,7 +166,8 @@ def _fmt(v: Any) -> Any:
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
-    """Rows of a CSV log; a torn last line (crash mid-write) is dropped."""
+    """Rows of a CSV log; a torn last line (crash mid-write) and lines holding NUL bytes
+    are dropped."""
     p = Path(path)
     if not p.is_file():
         return []
@@ -172,8 +175,9 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         text = f.read()
     if text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]  # drop the incomplete last line
-    rows = list(csv.DictReader(text.splitlines()))
-    return rows
+    # a line with NUL bytes is what a power cut leaves where a row was being written
+    lines = [ln for ln in text.splitlines() if "\x00" not in ln]
+    return list(csv.DictReader(lines))
 
 
 def rewrite_csv(path: Path, fields: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
@@ -246,6 +250,14 @@ def render_html(summary: dict[str, Any], gallery: dict[str, list[dict[str, Any]]
         "image-rendering:pixelated}.g figure{display:inline-block;margin:2px;"
         "font-size:70%;text-align:center}</style></head><body>",
         "<h1>edgecells screening report</h1>",
+        *(
+            [
+                "<p style='color:#b00020;font-weight:bold'>Session ended early, not "
+                f"complete: {html.escape(str(summary['error']))}</p>"
+            ]
+            if summary.get("error")
+            else []
+        ),
         f"<p class='flag'>{html.escape(flag)}</p>",
         f"<p>{html.escape(summary.get('reason', ''))}</p>",
         f"<p>Abnormal {summary.get('abnormal', 0)} of {summary.get('cells', 0)} identified "

@@ -4,17 +4,28 @@ crop + normalize -> batch inference -> aggregate, timed per stage.
 * A frame that cannot be read, or fails a quality gate, is a counted, logged skip.
 * Output files (see :mod:`.report`) are appended and flushed per frame; ``summary.json``
   is rewritten atomically every ``summary_every_s`` seconds and at the end.
-* ``resume=True`` continues a session in the same output folder: frames listed in
-  ``frames.csv`` are complete; cells of an unfinished frame are dropped; counts are
-  rebuilt from the files; reading continues after the last complete frame.
+* ``session.json`` records what the session reads: the source (URI, files resolved to
+  absolute paths) and the bundle (SHA-256 of its manifest). ``--resume`` refuses a
+  folder whose session read another source or bundle (two slides never merge).
+* ``resume=True`` continues a session in the same output folder: a frame listed in
+  ``frames.csv`` is complete when its row is well formed and ``cells.csv`` holds exactly
+  its cells; the first frame that is not (torn or NUL-padded rows after a power cut), and
+  everything after it, is dropped and read again; counts are rebuilt from the files.
 * A full disk or a failed bundle ends the session with an
-  :class:`~edgecells.edge.errors.EdgecellsError` (rows already written stay).
+  :class:`~edgecells.edge.errors.EdgecellsError` (rows already written stay). The
+  summary then says ``"complete": false`` with the ``"error"``, and counts only the
+  frames whose rows reached ``frames.csv``.
+* Output files that hold only a header (a start that failed) count as no session.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import os
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -61,6 +72,7 @@ class Session:
         annotate: bool = False,
         info: dict[str, Any] | None = None,
         summary_every_s: float = 1.0,
+        source_id: str | None = None,
     ) -> None:
         self.pipe = Pipeline(cfg, bundle, classifier)
         self.cfg = cfg
@@ -81,6 +93,9 @@ class Session:
         self.events: list[str] = []
         self.summary_every_s = summary_every_s
         self._last_summary = 0.0
+        self.error: str | None = None  # why the session ended early, if it did
+        self.source_id = source_id
+        self.bundle_sha256 = str(getattr(bundle, "manifest_sha256", "") or "")
         self.out = Path(out) if out is not None else None
         self._cells: CsvLog | None = None
         self._frames: CsvLog | None = None
@@ -96,26 +111,107 @@ class Session:
         except OSError as exc:
             raise EdgecellsError(f"{out}: cannot create output folder ({exc.strerror})") from None
         cells_p, frames_p = out / "cells.csv", out / "frames.csv"
-        existing = cells_p.exists() or frames_p.exists()
+        existing = _has_rows(cells_p) or _has_rows(frames_p)
         if existing and not resume:
             raise EdgecellsError(
                 f"{out}: holds a previous session; use --resume to continue it or "
                 "choose another --out"
             )
         if resume and existing:
+            self._check_identity(out)
             self._restore(cells_p, frames_p)
+        self._write_identity(out)
         self._cells = CsvLog(cells_p, CELL_FIELDS)
         self._frames = CsvLog(frames_p, FRAME_FIELDS)
 
+    def _identity(self) -> dict[str, Any]:
+        return {
+            "schema": "edgecells.session/1",
+            "source": self.source_id,
+            "bundle_sha256": self.bundle_sha256 or None,
+            "bundle": self.info.get("bundle"),
+            "started": self.info.get("started"),
+        }
+
+    def _check_identity(self, out: Path) -> None:
+        """--resume: the folder's session must have read this source with this bundle."""
+        p = out / SESSION_FILE
+        if not p.is_file():
+            log.warning("%s: no %s (older session): source and bundle not checked", out, p.name)
+            return
+        try:
+            rec = json.loads(p.read_text(encoding="utf-8"))
+            if not isinstance(rec, dict):
+                raise ValueError("not an object")
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise EdgecellsError(
+                f"{p}: unreadable ({exc}); cannot tell which slide this folder holds; "
+                "choose another --out"
+            ) from None
+        theirs, ours = rec.get("source"), self.source_id
+        if ours is not None and theirs is not None and theirs != ours:
+            raise EdgecellsError(
+                f"{out}: holds a session of another source ({theirs}); this run reads "
+                f"{ours}. Refusing to merge two slides: choose another --out"
+            )
+        theirs_b, ours_b = rec.get("bundle_sha256"), self.bundle_sha256
+        if ours_b and theirs_b and theirs_b != ours_b:
+            raise EdgecellsError(
+                f"{out}: was screened with another bundle (manifest {str(theirs_b)[:12]}, "
+                f"this one {ours_b[:12]}); resume with the bundle the session started with "
+                "or choose another --out"
+            )
+
+    def _write_identity(self, out: Path) -> None:
+        rec = self._identity()
+        p = out / SESSION_FILE
+        if p.is_file():
+            try:
+                old = json.loads(p.read_text(encoding="utf-8"))
+                if isinstance(old, dict):
+                    rec["started"] = old.get("started", rec["started"])
+                    rec["source"] = old.get("source") or rec["source"]
+                    rec["bundle_sha256"] = old.get("bundle_sha256") or rec["bundle_sha256"]
+            except (OSError, UnicodeDecodeError, ValueError):
+                pass
+        write_json_atomic(p, rec)
+
     def _restore(self, cells_p: Path, frames_p: Path) -> None:
-        frames = read_csv(frames_p)
-        done = {int(r["frame"]) for r in frames if r.get("frame", "").isdigit()}
-        cells = read_csv(cells_p)
-        kept = [r for r in cells if r.get("frame", "").isdigit() and int(r["frame"]) in done]
-        if len(kept) != len(cells) or (cells_p.exists() and not _ends_newline(cells_p)):
+        frames_all = read_csv(frames_p)
+        cells_all = read_csv(cells_p)
+        cells_of: dict[int, list[dict[str, str]]] = defaultdict(list)
+        for r in cells_all:
+            if _valid_cell(r):
+                cells_of[int(r["frame"])].append(r)
+        frames: list[dict[str, str]] = []
+        last = -1
+        for r in frames_all:
+            # Frames are listed in reading order; the first one that is torn, out of
+            # order or whose cells are not all in cells.csv ends what is trusted.
+            if not _valid_frame(r):
+                break
+            idx = int(r["frame"])
+            want = int(r["cells"]) if r["status"] == "ok" else 0
+            if idx <= last or len(cells_of.get(idx, [])) != want:
+                break
+            frames.append(r)
+            last = idx
+        done = {int(r["frame"]) for r in frames}
+        kept = [c for r in frames for c in cells_of.get(int(r["frame"]), [])]
+        dropped = len(frames_all) - len(frames)
+        if (
+            len(kept) != len(cells_all)
+            or not _ends_newline(cells_p)
+            or _has_nul(cells_p)
+            or len(cells_all) != _count_lines(cells_p) - 1
+        ):
             rewrite_csv(cells_p, CELL_FIELDS, kept)
-        if frames and not _ends_newline(frames_p):
+        if dropped or not _ends_newline(frames_p) or _has_nul(frames_p):
             rewrite_csv(frames_p, FRAME_FIELDS, frames)
+        if dropped:
+            msg = f"{dropped} frame row(s) from frame {last + 1} on were torn or incomplete"
+            self.events.append(msg + "; those frames are read again")
+            log.warning(self.events[-1])
         for r in frames:
             self.frames += 1
             if r["status"] == "ok":
@@ -170,13 +266,21 @@ class Session:
                 self.step(frame, cap_ms)
                 if progress is not None:
                     progress(self._last)
+        except BaseException as exc:
+            if not _is_clean_stop(exc):
+                self.error = _describe(exc)
+            raise
         finally:
             self.events.extend(getattr(source, "events", []))
             self.close()
         return self.summary()
 
     def step(self, frame: Frame, capture_ms: float = 0.0) -> FrameResult:
-        """Process one frame and record it."""
+        """Process one frame and record it.
+
+        The frame's rows are written first (cells, then its frames.csv row); the tallies
+        count it only once they are on disk, so the summary never counts a frame that a
+        failed write (full disk) left out of frames.csv."""
         f0 = time.perf_counter()
         try:
             res, crops = self.pipe.process(frame)
@@ -187,7 +291,7 @@ class Session:
             log.warning("frame %d skipped: %s", frame.index, frame.error)
         res.timings["capture"] = capture_ms
         a0 = time.perf_counter()
-        self._record(frame, res, crops)
+        shown = self._write_cells(frame, res, crops)
         res.timings["aggregate"] = (time.perf_counter() - a0) * 1000
         lat = self.pipe.latency
         for k, v in res.timings.items():
@@ -196,10 +300,52 @@ class Session:
             lat.per_cell.add(res.timings["inference"] / len(res.cells))
         lat.frame.add((time.perf_counter() - f0) * 1000 + capture_ms)
         self._write_frame_row(frame, res)
+        self._count(frame, res, shown)
         self._last = res
+        if self._frames is not None:
+            now = time.monotonic()
+            if now - self._last_summary >= self.summary_every_s:
+                self._last_summary = now
+                self.write_summary(final=False)
         return res
 
-    def _record(self, frame: Frame, res: FrameResult, crops: np.ndarray | None) -> None:
+    def _write_cells(
+        self, frame: Frame, res: FrameResult, crops: np.ndarray | None
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """Write the frame's cell rows, gallery crops and annotated frame; returns the
+        gallery entries to add once the frame is recorded."""
+        shown: list[tuple[str, dict[str, Any]]] = []
+        if res.status != "ok":
+            return shown
+        abnormal_names = self.pipe.abnormal_names()
+        room = {k: self.gallery_max - len(v) for k, v in self.gallery.items()}
+        for i, c in enumerate(res.cells):
+            if self._cells is not None:
+                self._cells.write(c)
+            key = None
+            if c["label"] == UNIDENTIFIED:
+                key = "unidentified"
+            elif c["label"] in abnormal_names:
+                key = "abnormal"
+            if key and self.out is not None and crops is not None and room[key] > 0:
+                room[key] -= 1
+                src = f"gallery/{frame.index:06d}_{i:03d}.png"
+                save_png(self.out / src, crops[i])
+                entry = {
+                    "frame": frame.index,
+                    "label": c["label"],
+                    "confidence": c["confidence"],
+                    "src": src,
+                }
+                shown.append((key, entry))
+        if self.annotate and self.out is not None and frame.image is not None:
+            img = annotate_frame(frame.image, res.cells, self.classes)
+            save_png(self.out / "frames" / f"{frame.index:06d}.png", img)
+        return shown
+
+    def _count(
+        self, frame: Frame, res: FrameResult, shown: list[tuple[str, dict[str, Any]]]
+    ) -> None:
         self.frames += 1
         self.next_index = frame.index + 1
         self.red_cells += res.red_cells
@@ -210,32 +356,11 @@ class Session:
                 self.quality.failed[res.reason] += 1
             return
         self.quality.passed += 1
-        abnormal_names = self.pipe.abnormal_names()
-        for i, c in enumerate(res.cells):
+        for c in res.cells:
             self.tally.add(c["label"])
             self.nucleated_found += c["kind"] == NUCLEATED
-            if self._cells is not None:
-                self._cells.write(c)
-            key = None
-            if c["label"] == UNIDENTIFIED:
-                key = "unidentified"
-            elif c["label"] in abnormal_names:
-                key = "abnormal"
-            if key and self.out is not None and crops is not None:
-                if len(self.gallery[key]) < self.gallery_max:
-                    src = f"gallery/{frame.index:06d}_{i:03d}.png"
-                    save_png(self.out / src, crops[i])
-                    self.gallery[key].append(
-                        {
-                            "frame": frame.index,
-                            "label": c["label"],
-                            "confidence": c["confidence"],
-                            "src": src,
-                        }
-                    )
-        if self.annotate and self.out is not None and frame.image is not None:
-            img = annotate_frame(frame.image, res.cells, self.classes)
-            save_png(self.out / "frames" / f"{frame.index:06d}.png", img)
+        for key, entry in shown:
+            self.gallery[key].append(entry)
 
     def _write_frame_row(self, frame: Frame, res: FrameResult) -> None:
         if self._frames is None:
@@ -254,10 +379,6 @@ class Session:
         for k, v in res.timings.items():
             row[f"{k}_ms"] = round(v, 3)
         self._frames.write(row)
-        now = time.monotonic()
-        if now - self._last_summary >= self.summary_every_s:
-            self._last_summary = now
-            self.write_summary(final=False)
 
     # ------------------------------------------------------------------ results
     def summary(self, final: bool = True) -> dict[str, Any]:
@@ -267,7 +388,8 @@ class Session:
         d["quality"] = self.quality.to_dict()
         d["red_cells"] = self.red_cells
         d["latency_ms"] = self.pipe.latency.to_dict()
-        d["complete"] = final
+        d["complete"] = final and self.error is None
+        d["error"] = self.error
         d["events"] = list(self.events)
         d.update(self.info)
         return d
@@ -283,7 +405,14 @@ class Session:
     def close(self) -> None:
         try:
             if self.out is not None:
-                self.write_summary(final=True)
+                try:
+                    self.write_summary(final=True)
+                except EdgecellsError as exc:
+                    if self.error is None:
+                        raise
+                    # the session already failed (often: the disk is full); the last
+                    # summary written says complete: false
+                    log.warning("final summary not written: %s", exc)
         finally:
             for log_ in (self._cells, self._frames):
                 if log_ is not None:
@@ -301,3 +430,101 @@ def _ends_newline(p: Path) -> bool:
             return f.read(1) == b"\n"
     except OSError:
         return True
+
+
+SESSION_FILE = "session.json"
+_FRAME_STATUS = ("ok", "skip")
+
+
+def source_identity(uri: str) -> str:
+    """What ``session.json`` records of a source URI: files, folders, globs and videos as
+    absolute paths (``--source ./a`` and ``--source /x/a`` are the same slide), cameras as
+    given, ``""`` as the shipped samples."""
+    from edgecells.edge.sources.uri import parse_uri
+
+    kind, arg = parse_uri(uri)
+    if kind in ("files", "video"):
+        return f"{kind}:{os.path.abspath(os.path.expanduser(arg))}"
+    return f"{kind}:{arg}"
+
+
+def _is_clean_stop(exc: BaseException) -> bool:
+    from edgecells.edge.sdnotify import StopRequested
+
+    return isinstance(exc, StopRequested)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, EdgecellsError):
+        return str(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _has_rows(p: Path) -> bool:
+    """True when a CSV log holds at least one row besides its header (NUL bytes, left by
+    a power cut, do not count)."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return False
+    lines = [ln for ln in head.replace(b"\x00", b"").split(b"\n") if ln.strip()]
+    return len(lines) > 1
+
+
+def _has_nul(p: Path) -> bool:
+    try:
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 20):
+                if b"\x00" in chunk:
+                    return True
+    except OSError:
+        return False
+    return False
+
+
+def _count_lines(p: Path) -> int:
+    try:
+        with open(p, "rb") as f:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+    except OSError:
+        return 0
+
+
+def _int_ok(v: str | None, signed: bool = False) -> bool:
+    if v is None:
+        return False
+    v = v[1:] if signed and v.startswith("-") else v
+    return v.isdigit() and v.isascii()
+
+
+def _float_ok(v: str | None) -> bool:
+    try:
+        return v is not None and math.isfinite(float(v))
+    except ValueError:
+        return False
+
+
+def _valid_frame(r: dict[str, Any]) -> bool:
+    return (
+        None not in r
+        and all(r.get(k) is not None for k in FRAME_FIELDS)
+        and _int_ok(r["frame"])
+        and r["status"] in _FRAME_STATUS
+        and _int_ok(r["cells"])
+        and (r["red_cells"] == "" or _int_ok(r["red_cells"]))
+    )
+
+
+def _valid_cell(r: dict[str, Any]) -> bool:
+    return (
+        None not in r
+        and all(r.get(k) is not None for k in CELL_FIELDS)
+        and _int_ok(r["frame"])
+        and _int_ok(r["cell"])
+        and all(_int_ok(r[k], signed=True) for k in ("x", "y", "w", "h"))
+        and bool(r["label"])
+        and _float_ok(r["confidence"])
+    )

@@ -14,8 +14,9 @@ Fixed point, bit-exact
     The per-pixel path is integer arithmetic only (:mod:`.stain_kernels`), with
     committed lookup tables (:mod:`.reinhard_tables`). Per-image statistics are int64
     sums and the transfer coefficients are computed from them with exact Python
-    integers (``math.isqrt``), so the output is identical on any platform, x86 or
-    ARM, numba or numpy. Golden vectors in the tests pin it.
+    integers (``math.isqrt``), so the output does not depend on the platform: the golden vectors in the tests
+    pin it for numba and numpy on x86_64, and ``benchmarks/arm64_golden.sh`` shows the
+    same bits on emulated aarch64 (see benchmarks/RESULTS.md).
 
 Stained pixels only (the mask)
     Smear frames are mostly glass. Statistics come from stained pixels, defined on L*
@@ -43,6 +44,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,7 +54,7 @@ import numpy as np
 
 from edgecells.edge import stain_kernels as K
 from edgecells.edge.errors import EdgecellsError
-from edgecells.edge.imageio import as_rgb8
+from edgecells.edge.imageio import as_rgb8, default_file_mode
 from edgecells.edge.reinhard_tables import load_tables
 
 TARGET_FORMAT = "edgecells.stain-target"
@@ -80,9 +82,53 @@ class MaskParams:
     stats_stride: int = 4  # frame_stats subsampling (crop path)
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> MaskParams:
-        known = {f: d[f] for f in MaskParams.__dataclass_fields__ if f in d}
-        return MaskParams(**known)
+    def from_dict(d: Any, name: str = "stain target") -> MaskParams:
+        """Known keys of ``d`` (unknown ones ignored), each type- and range-checked."""
+        if not isinstance(d, dict):
+            raise EdgecellsError(f"{name}: mask must be an object")
+        known = {}
+        for f, (lo, hi) in _MASK_RANGES.items():
+            if f not in d:
+                continue
+            v = d[f]
+            is_int = isinstance(MaskParams.__dataclass_fields__[f].default, int)
+            ok = isinstance(v, int) if is_int else isinstance(v, (int, float))
+            if isinstance(v, bool) or not ok or not math.isfinite(v) or not lo <= v <= hi:
+                kind = "an integer" if is_int else "a number"
+                raise EdgecellsError(f"{name}: mask.{f} must be {kind} in [{lo:g}, {hi:g}]")
+            known[f] = v
+        m = MaskParams(**known)
+        if not 0 < m.min_scale <= m.max_scale:
+            raise EdgecellsError(f"{name}: mask.min_scale must be > 0 and <= max_scale")
+        return m
+
+
+_MASK_RANGES: dict[str, tuple[float, float]] = {
+    "dark_L": (0, 100),
+    "max_threshold_L": (0, 100),
+    "glass_percentile": (0, 100),
+    "glass_margin_L": (0, 100),
+    "blend_band_L": (0, 100),
+    "min_stained_fraction": (0, 1),
+    "min_stained_pixels": (0, 1 << 30),
+    "max_dark_fraction": (0, 1),
+    "max_clipped_fraction": (0, 1),
+    "min_std_L": (0, 100),
+    "min_scale": (0, 100),
+    "max_scale": (0, 100),
+    "stats_stride": (1, 64),
+}
+# CIELAB ranges in Q10: L* 0..100, a*/b* -128..127; a std is positive and below the range.
+_MEAN_Q10 = ((0, 100 * Q10), (-128 * Q10, 128 * Q10), (-128 * Q10, 128 * Q10))
+_STD_Q10_MAX = 128 * Q10
+
+
+def _ints(v: Any, what: str, name: str) -> tuple[int, ...]:
+    if not isinstance(v, list) or len(v) != 3:
+        raise EdgecellsError(f"{name}: {what} must be a list of 3 integers")
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+        raise EdgecellsError(f"{name}: {what} must be a list of 3 integers, got {v!r:.60}")
+    return tuple(v)
 
 
 def _q10(v: float) -> int:
@@ -274,37 +320,64 @@ class StainTarget:
                 f"{name}: stain target version {d.get('version')!r} is not supported "
                 f"(this edgecells reads version {TARGET_VERSION})"
             )
-        try:
-            mean = tuple(int(v) for v in d["mean_q10"])
-            std = tuple(int(v) for v in d["std_q10"])
-            mask = MaskParams.from_dict(d.get("mask", {}))
-            n_images = int(d.get("n_images", 1))
-            n_pixels = int(d.get("n_pixels", 0))
-            sources = tuple(str(s) for s in d.get("sources", []))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise EdgecellsError(f"{name}: malformed stain target ({exc})") from None
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise EdgecellsError(f"{name}: stain target needs 3 means and 3 positive stds")
+        mean = _ints(d.get("mean_q10"), "mean_q10", name)
+        std = _ints(d.get("std_q10"), "std_q10", name)
+        for i, (lo, hi) in enumerate(_MEAN_Q10):
+            if not lo <= mean[i] <= hi:
+                raise EdgecellsError(f"{name}: mean_q10[{i}] = {mean[i]} is outside CIELAB")
+        if not all(0 < v <= _STD_Q10_MAX for v in std):
+            raise EdgecellsError(
+                f"{name}: stain target needs 3 positive stds (std_q10 in 1..{_STD_Q10_MAX})"
+            )
+        mask = MaskParams.from_dict(d.get("mask", {}), name)
+        n_images, n_pixels = d.get("n_images", 1), d.get("n_pixels", 0)
+        for k, v in (("n_images", n_images), ("n_pixels", n_pixels)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise EdgecellsError(f"{name}: {k} must be a non-negative integer")
+        src = d.get("sources", [])
+        if not isinstance(src, list):
+            raise EdgecellsError(f"{name}: sources must be a list")
+        sources = tuple(str(x) for x in src)
         return cls(mean, std, n_images, n_pixels, mask, sources)  # type: ignore[arg-type]
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write as JSON atomically."""
+        """Write as JSON atomically (a temporary file in the same folder, then rename);
+        EdgecellsError (nothing left behind) when it cannot."""
         p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, p)
+        if p.is_dir():
+            raise EdgecellsError(f"{p}: is a folder; give the target file name (target.json)")
+        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+        tmp = None
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.chmod(tmp, default_file_mode())
+            os.replace(tmp, p)
+        except OSError as exc:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            raise EdgecellsError(f"{p}: cannot write ({exc.strerror or exc})") from None
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> StainTarget:
         p = Path(path)
         try:
-            d = json.loads(p.read_text())
+            if p.is_file() and p.stat().st_size > (1 << 20):
+                raise EdgecellsError(f"{p}: too large for a stain target")
+            d = json.loads(p.read_text(encoding="utf-8"), parse_constant=_no_constant)
         except FileNotFoundError:
             raise EdgecellsError(f"{p}: no such stain target file") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except IsADirectoryError:
+            raise EdgecellsError(f"{p}: is a folder, not a stain target file") from None
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise EdgecellsError(f"{p}: not a valid stain target JSON ({exc})") from None
         return cls.from_dict(d, name=str(p))
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
 
 
 def _kernels(kernel: str) -> tuple[Any, Any]:

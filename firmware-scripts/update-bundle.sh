@@ -14,8 +14,10 @@
 #   --dry-run          verify, then print what would change; change nothing
 #
 # A bundle is installed only if it verifies: schema and SHA-256 of every file
-# (load_bundle) and a test inference on its sample cells giving the expected labels
-# (`edgecells doctor --bundle B --only bundle`). It is copied to bundles/<name>-<hash>/,
+# (load_bundle), its signature (`edgecells bundle verify`: with trusted public keys in
+# /etc/edgecells/trusted-keys or $EDGECELLS_TRUSTED_KEYS, unsigned or wrongly signed
+# bundles are refused; without, they install with a warning) and a test inference on
+# its sample cells giving the expected labels (`edgecells doctor --bundle B --only bundle`). It is copied to bundles/<name>-<hash>/,
 # then the `current` symlink is switched to it with one rename (atomic: the service sees
 # the old or the new bundle, never a mix), and `previous` points at the old one. If the
 # health check fails, `current` goes back to the previous bundle. Exit codes: 0 installed
@@ -27,7 +29,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$here/lib/common.sh"
 EC_TAG=edgecells-update-bundle
 
-usage() { sed -n '2,25p' "${BASH_SOURCE[0]}"; }
+usage() { sed -n '2,24p' "${BASH_SOURCE[0]}"; }
 
 ec_parse_common "$@"
 set -- "${EC_ARGS[@]+"${EC_ARGS[@]}"}"
@@ -70,6 +72,12 @@ if [[ -z "$python" ]]; then
     python="$EDGECELLS_PREFIX/venv/bin/python"
     [[ -x "$python" ]] || python="$(command -v python3 || true)"
 fi
+# Trusted signing keys: $EDGECELLS_TRUSTED_KEYS (environment or deploy.env), else the
+# device's /etc/edgecells/trusted-keys (under --root: ROOT/etc/edgecells/trusted-keys).
+if [[ -z "${EDGECELLS_TRUSTED_KEYS:-}" && -d "$(ec_path /etc/edgecells/trusted-keys)" ]]; then
+    EDGECELLS_TRUSTED_KEYS="$(ec_path /etc/edgecells/trusted-keys)"
+fi
+if [[ -n "${EDGECELLS_TRUSTED_KEYS:-}" ]]; then export EDGECELLS_TRUSTED_KEYS; fi
 service=edgecells-screen.service
 staging="" # the unpacked new bundle until it is moved into place (removed on exit)
 
@@ -139,7 +147,8 @@ verify() {
     local dir="$1"
     [[ -n "$python" && -x "$python" ]] ||
         ec_die "no Python with edgecells found (use --python PATH)"
-    ec_log "verifying $dir (hashes, schema, test inference)"
+    ec_log "verifying $dir (schema, hashes, signature, test inference)"
+    "$python" -m edgecells bundle verify "$dir" || return 1
     "$python" -m edgecells doctor --bundle "$dir" --only bundle
 }
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from edgecells.edge import jsonsafe
 from edgecells.edge.errors import EdgecellsError
 
 err = Console(stderr=True)
@@ -31,8 +32,10 @@ def _progress(disable: bool = False) -> Progress:
     )
 
 
-def _fmt_pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.2f}%"
+def _fmt_pct(v: Any) -> str:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return "-"
+    return f"{100 * v:.2f}%"
 
 
 def _fmt_bytes(n: int) -> str:
@@ -121,7 +124,7 @@ def calibrate(
         for w in report.warnings:
             err.print(f"[yellow]warning[/] calibration coverage: {w}")
     if as_json:
-        print(json.dumps(result, indent=2))
+        print(jsonsafe.dumps(result, indent=2))
         return
     t = Table(title=f"calibration set -> {path}")
     t.add_column("class")
@@ -281,7 +284,7 @@ def convert(
         suffix = ".zip" if archive_format == "zip" else ".tar.gz"
         result.archive = writer.archive(out_dir, out_dir.with_name(out_dir.name + suffix))
     if as_json:
-        print(json.dumps(result.to_dict(), indent=2))
+        print(jsonsafe.dumps(result.to_dict(), indent=2))
     else:
         _print_convert(result)
     if gate_failed and not force:
@@ -342,23 +345,81 @@ def _print_convert(result: Any) -> None:
 # --------------------------------------------------------------------------- bundle info
 
 
+def load_checked(bundle: str | None, config: Path | None) -> tuple[Any, Any]:
+    """Load and verify a bundle, then apply the signature policy (config ``[bundle]
+    trusted_keys`` and ``$EDGECELLS_TRUSTED_KEYS``): refused with one line, or a one-line
+    warning on stderr when nothing proves who made it."""
+    from edgecells.edge.bundle import load_bundle
+    from edgecells.edge.bundle.signing import check_bundle
+    from edgecells.edge.config import load_config
+
+    cfg = load_config(config)
+    b = load_bundle(bundle)
+    sig = check_bundle(b, cfg.bundle.trusted_keys)
+    if sig.warning:
+        typer.echo(f"warning: {sig.warning}", err=True)
+    return b, sig
+
+
+def keygen(
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for the new key pair."),
+) -> None:
+    """Make an Ed25519 signing key pair: edgecells-signing.key (private, keep it off
+    devices) and edgecells-signing.pub (install it on devices as a trusted key)."""
+    from edgecells.edge.bundle.signing import keygen as make_keys
+
+    priv, pub, kid = make_keys(out_dir)
+    out.print(f"key {kid}\n  private: {priv} (keep secret)\n  public:  {pub} (install on devices)")
+
+
+def sign(
+    bundle: Path = typer.Argument(..., help="Bundle folder to sign (in place)."),
+    key: Path = typer.Option(..., "--key", "-k", help="Private key from `bundle keygen`."),
+) -> None:
+    """Verify a bundle folder, then sign its manifest.json (writes signature.json)."""
+    from edgecells.edge.bundle.signing import key_id_of, load_private_key, sign_bundle
+
+    sig = sign_bundle(bundle, key)
+    kid = key_id_of(load_private_key(key).public_key())
+    out.print(f"signed {bundle} with key {kid} -> {sig}")
+
+
+def verify(
+    bundle: str | None = typer.Argument(
+        None, help="Bundle folder, manifest.json or archive (default: the shipped bundle)."
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="config.toml ([bundle] trusted_keys)."
+    ),
+) -> None:
+    """Verify a bundle (schema, every file's SHA-256, signature policy) in one line."""
+    b, sig = load_checked(bundle, config)
+    typer.echo(f"{b.source or b.root}: verified ({len(b.models)} models, {sig.status})")
+
+
 def info(
     bundle: str | None = typer.Argument(
         None, help="Bundle folder, manifest.json or archive (default: the shipped bundle)."
     ),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="config.toml ([bundle] trusted_keys)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON."),
 ) -> None:
-    """Show a bundle's manifest and verify every file's SHA-256."""
+    """Show a bundle's manifest, verify every file's SHA-256 and its signature."""
     from edgecells.edge.backends import available_backends
-    from edgecells.edge.bundle import load_bundle
 
-    b = load_bundle(bundle)
+    b, sig = load_checked(bundle, config)
     s = b.summary()
+    s["signature"] = sig.to_dict()
     s["available_backends"] = available_backends()
     if as_json:
-        print(json.dumps(s, indent=2))
+        print(jsonsafe.dumps(s, indent=2))
         return
-    out.print(f"[bold]{b.name}[/] ({s['bundle']}) — [green]verified[/] (schema v1, SHA-256 ok)")
+    signed = "signed by trusted key " + sig.key_id if sig.status == "verified" else sig.status
+    out.print(
+        f"[bold]{b.name}[/] ({s['bundle']}) — [green]verified[/] (schema v1, SHA-256 ok, {signed})"
+    )
     out.print(
         f"task {b.task}, input {b.input_size}x{b.input_size} RGB, stain "
         f"{s['stain_normalization']}, classes: {', '.join(b.classes)}; abnormal: "
@@ -368,7 +429,8 @@ def info(
     for col in ("model", "backend", "role", "size", "input", "output", "accuracy", "agree"):
         t.add_column(col)
     for m in b.models:
-        v = b.validation.get(m.id, {})
+        v = b.validation.get(m.id)
+        v = v if isinstance(v, dict) else {}
         q = m.input
         qi = f"{q.dtype}" + (f" s={q.scale:g} zp={q.zero_point}" if q.quantized else "")
         o = m.output
@@ -393,6 +455,9 @@ def info(
 
 
 bundle_app.command("info")(info)
+bundle_app.command("verify")(verify)
+bundle_app.command("keygen")(keygen)
+bundle_app.command("sign")(sign)
 
 
 def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from edgecells.edge import jsonsafe
 from edgecells.edge.errors import EdgecellsError
 
 err = Console(stderr=True)
@@ -41,7 +41,8 @@ def _setup(
     """Config with command-line overrides, the verified bundle, the open classifier."""
     from edgecells.edge.backends import open_classifier
     from edgecells.edge.bundle import load_bundle
-    from edgecells.edge.config import load_config
+    from edgecells.edge.bundle.signing import check_bundle
+    from edgecells.edge.config import load_config, validate
 
     cfg = load_config(config)
     if source is not None:
@@ -54,7 +55,11 @@ def _setup(
         if threads < 1:
             raise EdgecellsError(f"--threads must be >= 1, got {threads}")
         cfg.inference.threads = threads
+    validate(cfg, str(config) if config else "config")
     b = load_bundle(cfg.session.bundle or None)
+    sig = check_bundle(b, cfg.bundle.trusted_keys)
+    if sig.warning:
+        typer.echo(f"warning: {sig.warning}", err=True)
     clf = open_classifier(
         b,
         cfg.inference.backend,
@@ -90,10 +95,12 @@ def screen(
     With no arguments: the sample frames and the reference bundle shipped in the package.
     """
     from edgecells.edge.sdnotify import ServiceHooks, StopRequested
-    from edgecells.edge.session import Session
+    from edgecells.edge.session import Session, source_identity
     from edgecells.edge.sources import open_source
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    if frames is not None and frames < 0:
+        raise EdgecellsError(f"--frames must be >= 0 (0 = until the source ends), got {frames}")
     cfg, b, clf = _setup(config, source, bundle, backend, threads)
     out_path = out_dir if out_dir is not None else Path(cfg.session.out)
     n = frames if frames is not None else cfg.session.frames
@@ -104,24 +111,34 @@ def screen(
     except EdgecellsError:
         clf.close()
         raise
-    src = open_source(cfg.session.source, cfg.camera)
     info = {
         "source": cfg.session.source or "samples",
         "bundle": str(b.source or b.root),
+        "bundle_sha256": b.manifest_sha256,
+        "signature": b.signature.get("status", ""),
         "backend": clf.backend,
         "threads": cfg.inference.threads,
         **scale_info,
     }
-    sess = Session(
-        cfg,
-        b,
-        clf,
-        out=out_path,
-        resume=resume,
-        annotate=annotate or cfg.session.annotate,
-        info=info,
-    )
-    src.open()
+    # The source opens before anything is written: a missing camera or a wrong path
+    # leaves no output behind to block the corrected rerun.
+    src = open_source(cfg.session.source, cfg.camera)
+    try:
+        src.open()
+        sess = Session(
+            cfg,
+            b,
+            clf,
+            out=out_path,
+            resume=resume,
+            annotate=annotate or cfg.session.annotate,
+            info=info,
+            source_id=source_identity(cfg.session.source),
+        )
+    except BaseException:
+        src.close()
+        clf.close()
+        raise
     total = n or (len(src) if hasattr(src, "__len__") else None)  # type: ignore[arg-type]
     # Under systemd: READY/watchdog/STATUS; SIGTERM ends the session at a frame boundary.
     hooks = ServiceHooks.install()
@@ -146,7 +163,7 @@ def screen(
         src.close()
         clf.close()
     if as_json:
-        typer.echo(json.dumps(_public(summary), indent=2))
+        typer.echo(jsonsafe.dumps(_public(summary), indent=2))
     else:
         _print_summary(summary, out_path)
 
@@ -227,7 +244,7 @@ def profile(
                 clf.close()
             results.append(r)
     if as_json:
-        typer.echo(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+        typer.echo(jsonsafe.dumps(results[0] if len(results) == 1 else results, indent=2))
         return
     for r in results:
         t = Table(title=f"{r['backend']}, {r['threads']} thread(s), {r['frames']} frames")
@@ -362,7 +379,7 @@ def evaluate_detector(
         "platelets": plt.to_dict(),
     }
     if as_json:
-        typer.echo(json.dumps(result, indent=2))
+        typer.echo(jsonsafe.dumps(result, indent=2))
         return
     t = Table(title=f"Detection on {len(files)} frames (centre-in-box)")
     for c in ("cells", "recall", "precision", "true", "predicted"):
@@ -408,7 +425,7 @@ def evaluate_screening(
         clf.close()
     res = simulate(b, cfg, labels, truth, slides, cells, fr, seed)
     if as_json:
-        typer.echo(json.dumps(res, indent=2))
+        typer.echo(jsonsafe.dumps(res, indent=2))
         return
     t = Table(title=f"Simulated slides of {cells} cells ({slides} per condition)")
     for c in ("slides", "abnormal fraction", "POSITIVE", "NEGATIVE", "INSUFFICIENT", "metric"):

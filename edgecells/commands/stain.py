@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import errno
 from pathlib import Path
 
 import typer
@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from edgecells.edge import jsonsafe
 from edgecells.edge.errors import EdgecellsError
 from edgecells.edge.imageio import list_images, read_image, write_image
 
@@ -64,10 +65,13 @@ def fit(
             bar.advance(task)
     if not images:
         raise EdgecellsError("no readable image to fit the stain target on")
+    if out_path.is_dir():
+        raise EdgecellsError(f"--out {out_path}: is a folder; give the target file name")
     target = StainTarget.fit(images, names=names)
     target.save(out_path)
     if as_json:
-        print(json.dumps({**target.to_dict(), "out": str(out_path), "failed": failed}, indent=2))
+        doc = {**target.to_dict(), "out": str(out_path), "failed": failed}
+        print(jsonsafe.dumps(doc, indent=2))
     else:
         t = Table(title=f"stain target -> {out_path}")
         for col in ("", "L*", "a*", "b*"):
@@ -83,24 +87,72 @@ def fit(
         raise typer.Exit(1)
 
 
+def _plan(input_path: Path, out_path: Path, files: list[Path]) -> list[tuple[Path, Path]]:
+    """(source, destination) per image; refuses any plan that could overwrite an input or
+    re-read its own outputs."""
+    from edgecells.edge.imageio import IMAGE_SUFFIXES
+
+    in_r = input_path.resolve()
+    out_r = out_path.resolve()
+    if input_path.is_file():
+        if out_path.is_dir():
+            raise EdgecellsError(
+                f"--out {out_path}: is a folder; give an output image file name "
+                f"(e.g. {out_path / input_path.name})"
+            )
+        if out_path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise EdgecellsError(
+                f"--out {out_path}: not an image file name (use {', '.join(IMAGE_SUFFIXES)})"
+            )
+        if out_r == in_r or (out_path.exists() and out_path.samefile(input_path)):
+            raise EdgecellsError(
+                f"--out {out_path}: is the input image; stain apply never replaces its input "
+                "(choose another file name)"
+            )
+        return [(input_path, out_path)]
+    if out_path.exists() and not out_path.is_dir():
+        raise EdgecellsError(f"--out {out_path}: is a file; give an output folder")
+    if out_r == in_r or out_r.is_relative_to(in_r):
+        raise EdgecellsError(
+            f"--out {out_path}: lies inside the input folder {input_path} (the outputs would "
+            "replace the raw images or be normalized again on the next run); choose a folder "
+            "outside it"
+        )
+    inputs = {f.resolve() for f in files}
+    plan = []
+    for f in files:
+        dest = out_path / f.relative_to(input_path)
+        if dest.resolve() in inputs:
+            raise EdgecellsError(f"{dest}: is an input image; stain apply never replaces its input")
+        plan.append((f, dest))
+    return plan
+
+
 def apply(
     input_path: Path = typer.Argument(..., help="An image or a folder of images."),
     target_path: Path = typer.Option(..., "--target", "-t", help="target.json from `stain fit`."),
-    out_path: Path = typer.Option(..., "--out", "-o", help="Output image, or output folder."),
+    out_path: Path = typer.Option(
+        ..., "--out", "-o", help="Output image, or output folder (never the input)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
-    """Normalize an image or every image in a folder (tree mirrored under --out)."""
+    """Normalize an image or every image in a folder (tree mirrored under --out).
+
+    The inputs are never replaced: --out may not be the input image, the input folder or
+    a folder inside it."""
     from edgecells.edge.stain import ReinhardNormalizer, StainTarget
 
     norm = ReinhardNormalizer(StainTarget.load(target_path))
+    if not input_path.exists():
+        raise EdgecellsError(f"{input_path}: no such file or folder")
     single = input_path.is_file()
     files = _collect([input_path])
+    plan = _plan(input_path, out_path, files)
     summary: dict[str, object] = {"target": str(target_path), "out": str(out_path)}
     done, unchanged, failed = 0, [], []
     with progress(disable=single) as bar:
         task = bar.add_task("normalizing", total=len(files))
-        for f in files:
-            dest = out_path if single else out_path / f.relative_to(input_path)
+        for f, dest in plan:
             try:
                 res = norm.normalize(read_image(f))
                 write_image(dest, res.image)
@@ -110,10 +162,17 @@ def apply(
             except EdgecellsError as exc:
                 failed.append({"file": str(f), "error": str(exc)})
                 err.print(f"[yellow]skipped[/] {exc}")
+            except OSError as exc:  # read-only or full destination: stop, one line
+                full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                raise EdgecellsError(
+                    f"{dest}: {'disk full' if full else 'cannot write'} "
+                    f"({exc.strerror or exc}); {done} of {len(files)} images written",
+                    exit_code=3,
+                ) from None
             bar.advance(task)
     summary.update({"n": len(files), "written": done, "unchanged": unchanged, "failed": failed})
     if as_json:
-        print(json.dumps(summary, indent=2))
+        print(jsonsafe.dumps(summary, indent=2))
     else:
         out.print(
             f"{done}/{len(files)} images written to {out_path} "

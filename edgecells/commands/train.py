@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+
+from edgecells.edge import jsonsafe
 
 err = Console(stderr=True)
 out = Console()
@@ -112,7 +113,7 @@ def train_cmd(
     _report_skipped(result.skipped)
     m = result.metrics
     if as_json:
-        print(json.dumps(m, indent=2))
+        print(jsonsafe.dumps(m, indent=2))
         return
     t = Table(title=f"{out_path} (best epoch {m['best_epoch']}, {m['seconds']:.0f} s)")
     t.add_column("split")
@@ -179,7 +180,7 @@ def evaluate_classifier_cmd(
         plot_evaluation(ev, plot)
     m = ev.metrics.to_dict()
     if as_json:
-        print(json.dumps(m, indent=2))
+        print(jsonsafe.dumps(m, indent=2))
         return
     t = Table(title=f"{model} on {data} [{split}], n={m['n']}")
     t.add_column("class")

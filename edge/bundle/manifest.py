@@ -1,88 +1,13 @@
-"""The model bundle: the one contract between the host toolchain and the device.
-
-A bundle is a folder (or a ``.tar.gz`` / ``.tgz`` / ``.zip`` archive of one) holding
-``manifest.json`` and the model files it lists. :func:`load_bundle` checks the schema and
-the size and SHA-256 of every listed file and returns a :class:`Bundle`; anything wrong
-(tampered, truncated, missing or unlisted-schema file) raises
-:class:`~edgecells.edge.errors.EdgecellsError` naming the file. Archives are extracted
-safely (see :func:`extract_archive`).
-
-Manifest schema, version 1 (``manifest.json``, UTF-8 JSON object)::
-
-    {
-      "schema": "edgecells.bundle",          # fixed
-      "schema_version": 1,                   # this module reads exactly 1
-      "name": "reference",                   # free text
-      "task": "multiclass",                  # or "binary" (one sigmoid output)
-      "classes": ["basophil", ...],          # output order of every model
-      "mapping": {                           # ClassMapping.to_dict() (edge/mappings.py)
-        "schema": "edgecells.mapping/1", "name": "pbc8", ...,
-        "classes": [{"name": "basophil", "abnormal": false, "description": ""}, ...]
-      },                                     # same names, same order as "classes"
-      "stain_target": {...} | null,          # StainTarget.to_dict(); null = no normalization
-      "preprocessing": {
-        "input_size": 128,                   # square model input side, pixels
-        "channels": "RGB",
-        "value_range": [0, 255],             # models take raw pixel values, scale inside
-        "stain_normalization": "reinhard-fixed-v1" | "none",
-        "resize": "area"                     # cv2 interpolation used by edge/preprocess
-      },
-      "crop": {                              # how the device cuts a cell crop from a frame
-        "side_um": 24.0,                     # crop side in micrometres, when the frame's
-                                             #   scale (um per pixel) is known
-        "min_side_factor": 1.4,              # crop side >= this x the detected cell's box side
-        "training_side_px": 200              # side of the training crops (PBC: 200 px)
-      },
-      "thresholds": {
-        "min_confidence": 0.5,               # top-1 probability below this = "uncertain" cell
-        "screening": {
-          "min_cells": 100,                  # fewer classified cells = inconclusive
-          "abnormal_fraction": 0.02,         # flag when the abnormal fraction exceeds this
-          "confidence": 0.95,                # one-sided confidence of the flag decision
-          "false_positive_rate": 0.02        # per-cell normal->abnormal rate (measured)
-        }
-      },
-      "models": [                            # one entry per model file set
-        {
-          "id": "tflite-int8",               # unique; "<format>-<precision>"
-          "format": "tflite",                # tflite | openvino | onnx
-          "precision": "int8",               # int8 | float32
-          "backend": "litert",               # litert | openvino | onnxruntime
-          "role": "deploy",                  # deploy | reference (float32 kept to compare)
-          "path": "model_int8.tflite",       # main file, relative to the bundle root
-          "sha256": "...", "bytes": 123,     # of the main file
-          "files": [                         # every file of this model (main file first;
-            {"path": "...", "sha256": "...", "bytes": 123}   # OpenVINO: .xml then .bin)
-          ],
-          "input":  {"shape": [-1, 128, 128, 3], "dtype": "int8",
-                     "scale": 1.0, "zero_point": -128},   # scale/zero_point null if float
-          "output": {"shape": [-1, 8], "dtype": "int8",
-                     "scale": 0.00390625, "zero_point": -128}
-        }
-      ],
-      "validation": {"tflite-int8": {...metrics...}, ...},   # per model id, may be {}
-      "provenance": {
-        "source_model": "model.keras", "source_model_sha256": "...",
-        "calibration_sha256": "..." | null, "calibration_manifest": {...} | null,
-        "data": "free text (data set, split)", "edgecells_version": "0.1.0",
-        "created": "2026-01-01T00:00:00+00:00", "tools": {"tensorflow": "2.21.0", ...}
-      }
-    }
-
-Batch dimensions are ``-1`` (any batch size). Extra keys are allowed and kept in
-:attr:`Bundle.manifest`.
-"""
+"""Manifest schema v1: constants, the dataclasses a loaded bundle is made of, parsing with
+type and range checks, reading and atomic writing of ``manifest.json``. The schema is
+documented in :mod:`edgecells.edge.bundle`."""
 
 from __future__ import annotations
 
-import hashlib
 import json
+import math
 import os
-import shutil
-import stat
-import tarfile
 import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -98,14 +23,98 @@ FORMATS = ("tflite", "openvino", "onnx")
 PRECISIONS = ("int8", "float32")
 BACKEND_OF_FORMAT = {"tflite": "litert", "openvino": "openvino", "onnx": "onnxruntime"}
 STAIN_METHODS = ("reinhard-fixed-v1", "none")
-ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".zip")
 
-# Safe-extraction limits (a bundle is a few MB; the reference bundle well under 20 MB).
-MAX_ARCHIVE_TOTAL_BYTES = 1 << 30  # 1 GiB uncompressed in all
-MAX_ARCHIVE_MEMBERS = 256
 MAX_MANIFEST_BYTES = 4 << 20
+SELFTEST_MAX_SAMPLES = 256
 
-_HASH_CHUNK = 1 << 20
+
+@dataclass(frozen=True)
+class Range:
+    """One declared manifest value: its dotted key path, type and allowed range.
+
+    ``kind`` is ``"number"`` (int or float, finite) or ``"int"``. ``lo``/``hi`` are
+    inclusive unless ``lo_open``/``hi_open``. An absent key is allowed (the reader's
+    default applies) unless ``required``; a present one must fit.
+    """
+
+    path: str
+    kind: str = "number"
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    required: bool = False
+
+    def describe(self) -> str:
+        what = "an integer" if self.kind == "int" else "a number"
+        if self.lo is not None and self.hi is not None:
+            lb = "(" if self.lo_open else "["
+            hb = ")" if self.hi_open else "]"
+            return f"{what} in {lb}{self.lo:g}, {self.hi:g}{hb}"
+        if self.lo is not None:
+            return f"{what} {'>' if self.lo_open else '>='} {self.lo:g}"
+        if self.hi is not None:
+            return f"{what} {'<' if self.hi_open else '<='} {self.hi:g}"
+        return what
+
+
+# Every numeric manifest value the device acts on, with its allowed range. To declare a
+# new field add one row here; parse_manifest checks the table (type, finiteness, range).
+RANGES: list[Range] = [
+    Range("thresholds.min_confidence", "number", 0.0, 1.0),
+    Range("thresholds.operating_point", "number", 0.0, 1.0),
+    Range("thresholds.screening.min_cells", "int", 1, 1_000_000),
+    Range("thresholds.screening.abnormal_fraction", "number", 0.0, 1.0, hi_open=True),
+    Range("thresholds.screening.confidence", "number", 0.5, 1.0, hi_open=True),
+    Range("thresholds.screening.false_positive_rate", "number", 0.0, 1.0, hi_open=True),
+    Range("crop.side_um", "number", 0.0, 500.0),  # 0 = no fixed physical side
+    Range("crop.min_side_factor", "number", 0.5, 10.0),
+    Range("crop.training_side_px", "int", 8, 4096),
+]
+
+
+def _no_nonfinite(obj: Any, mpath: str, path: str = "") -> None:
+    """NaN and Infinity are not JSON; anywhere in a manifest they are refused."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        raise EdgecellsError(f"{mpath}: {path or 'value'} is {obj!r} (not a number JSON allows)")
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _no_nonfinite(v, mpath, f"{path}.{k}" if path else str(k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _no_nonfinite(v, mpath, f"{path}[{i}]")
+
+
+def _lookup(d: dict[str, Any], path: str) -> tuple[bool, Any]:
+    cur: Any = d
+    for part in path.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return False, None
+        cur = cur[part]
+    return True, cur
+
+
+def check_ranges(manifest: dict[str, Any], mpath: str, table: list[Range] | None = None) -> None:
+    """Check every declared value of ``table`` (default :data:`RANGES`) in ``manifest``."""
+    for r in RANGES if table is None else table:
+        found, v = _lookup(manifest, r.path)
+        if not found or v is None:
+            if r.required:
+                raise EdgecellsError(f"{mpath}: missing {r.path} ({r.describe()})")
+            continue
+        ok_type = isinstance(v, int) if r.kind == "int" else isinstance(v, (int, float))
+        if isinstance(v, bool) or not ok_type:
+            raise EdgecellsError(
+                f"{mpath}: {r.path} must be {r.describe()}, not {type(v).__name__} {v!r:.40}"
+            )
+        fv = float(v)
+        bad = not math.isfinite(fv)
+        if r.lo is not None and not bad:
+            bad = fv <= r.lo if r.lo_open else fv < r.lo
+        if r.hi is not None and not bad:
+            bad = bad or (fv >= r.hi if r.hi_open else fv > r.hi)
+        if bad:
+            raise EdgecellsError(f"{mpath}: {r.path} must be {r.describe()}, got {v!r}")
 
 
 # --------------------------------------------------------------------------- dataclasses
@@ -196,7 +205,10 @@ class Bundle:
     models: list[ModelEntry]
     validation: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    selftest: tuple[FileEntry, ...] = ()  # self-test sample files (hashed like models)
     source: str = ""  # what the user gave (folder or archive path)
+    manifest_sha256: str = ""  # of manifest.json as read: the bundle's identity
+    signature: dict[str, Any] = field(default_factory=dict)  # set by signing.check_bundle
 
     @property
     def input_size(self) -> int:
@@ -306,37 +318,6 @@ def _abnormal_names(mapping: dict[str, Any]) -> list[str]:
     return [e["name"] for e in mapping.get("classes", []) if e.get("abnormal")]
 
 
-# --------------------------------------------------------------------------- hashing
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_entry(root: str | os.PathLike[str], relpath: str) -> FileEntry:
-    """A :class:`FileEntry` for ``root/relpath`` (posix relative path)."""
-    p = Path(root) / relpath
-    return FileEntry(path=relpath, sha256=sha256_file(p), bytes=p.stat().st_size)
-
-
-# --------------------------------------------------------------------------- paths
-
-
-def default_bundle_path() -> Path:
-    """The reference bundle shipped inside the package."""
-    return Path(__file__).resolve().parent / "data" / "bundles" / "reference"
-
-
-def is_archive(path: str | os.PathLike[str]) -> bool:
-    name = str(path).lower()
-    return any(name.endswith(s) for s in ARCHIVE_SUFFIXES)
-
-
 def _safe_relpath(rel: Any, where: str) -> str:
     """A manifest path must be a plain relative posix path inside the bundle."""
     if not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel:
@@ -345,170 +326,6 @@ def _safe_relpath(rel: Any, where: str) -> str:
     if p.is_absolute() or ".." in p.parts or rel.startswith("~") or ":" in p.parts[0]:
         raise EdgecellsError(f"{where}: file path {rel!r} points outside the bundle")
     return str(p)
-
-
-# --------------------------------------------------------------------------- archives
-
-
-def _check_member_name(name: str, archive: Path) -> PurePosixPath:
-    if not name or "\x00" in name or "\\" in name:
-        raise EdgecellsError(f"{archive}: archive member {name!r} has an invalid name")
-    p = PurePosixPath(name)
-    if p.is_absolute() or name.startswith("/") or (p.parts and ":" in p.parts[0]):
-        raise EdgecellsError(f"{archive}: archive member {name!r} has an absolute path")
-    if ".." in p.parts:
-        raise EdgecellsError(f"{archive}: archive member {name!r} escapes the bundle (..)")
-    return p
-
-
-def _copy_limited(src: Any, dst: Path, budget: list[int], archive: Path, name: str) -> None:
-    """Copy a member stream, counting real bytes against the remaining budget."""
-    with open(dst, "wb") as out:
-        while chunk := src.read(_HASH_CHUNK):
-            budget[0] -= len(chunk)
-            if budget[0] < 0:
-                raise EdgecellsError(
-                    f"{archive}: archive too large when extracted (at {name!r}; limit "
-                    f"{MAX_ARCHIVE_TOTAL_BYTES} bytes)"
-                )
-            out.write(chunk)
-
-
-def extract_archive(
-    archive: str | os.PathLike[str],
-    dest: str | os.PathLike[str],
-    max_bytes: int = MAX_ARCHIVE_TOTAL_BYTES,
-    max_members: int = MAX_ARCHIVE_MEMBERS,
-) -> Path:
-    """Safely extract a ``.tar.gz``/``.tgz``/``.zip`` bundle archive into ``dest``.
-
-    Refused (EdgecellsError naming the archive and member): absolute paths, ``..``
-    components, symbolic or hard links, devices/FIFOs, more than ``max_members``
-    members, more than ``max_bytes`` uncompressed bytes (counted while copying, so a
-    lying header does not help). Only regular files and folders are written. Returns
-    ``dest``.
-    """
-    src = Path(archive)
-    out = Path(dest)
-    out.mkdir(parents=True, exist_ok=True)
-    budget = [int(max_bytes)]
-    name_l = src.name.lower()
-    try:
-        if name_l.endswith(".zip"):
-            with zipfile.ZipFile(src) as zf:
-                infos = zf.infolist()
-                if len(infos) > max_members:
-                    raise EdgecellsError(f"{src}: archive has too many members ({len(infos)})")
-                if sum(i.file_size for i in infos) > max_bytes:
-                    raise EdgecellsError(
-                        f"{src}: archive too large when extracted (limit {max_bytes} bytes)"
-                    )
-                for info in infos:
-                    rel = _check_member_name(info.filename.rstrip("/") or ".", src)
-                    mode = (info.external_attr >> 16) & 0xFFFF
-                    if mode and stat.S_ISLNK(mode):
-                        raise EdgecellsError(
-                            f"{src}: archive member {info.filename!r} is a link (not allowed)"
-                        )
-                    if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-                        raise EdgecellsError(
-                            f"{src}: archive member {info.filename!r} is not a regular file"
-                        )
-                    target = out.joinpath(*rel.parts)
-                    if info.is_dir():
-                        target.mkdir(parents=True, exist_ok=True)
-                        continue
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with zf.open(info) as stream:
-                        _copy_limited(stream, target, budget, src, info.filename)
-        elif name_l.endswith((".tar.gz", ".tgz")):
-            with tarfile.open(src, mode="r:gz") as tf:
-                count = 0
-                for member in tf:
-                    count += 1
-                    if count > max_members:
-                        raise EdgecellsError(f"{src}: archive has too many members")
-                    rel = _check_member_name(member.name.rstrip("/") or ".", src)
-                    if member.issym() or member.islnk():
-                        raise EdgecellsError(
-                            f"{src}: archive member {member.name!r} is a link (not allowed)"
-                        )
-                    if member.isdir():
-                        out.joinpath(*rel.parts).mkdir(parents=True, exist_ok=True)
-                        continue
-                    if not member.isfile():
-                        raise EdgecellsError(
-                            f"{src}: archive member {member.name!r} is not a regular file"
-                        )
-                    if member.size > budget[0]:
-                        raise EdgecellsError(
-                            f"{src}: archive too large when extracted (at {member.name!r}; "
-                            f"limit {max_bytes} bytes)"
-                        )
-                    target = out.joinpath(*rel.parts)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    stream = tf.extractfile(member)
-                    if stream is None:
-                        raise EdgecellsError(f"{src}: cannot read archive member {member.name!r}")
-                    with stream:
-                        _copy_limited(stream, target, budget, src, member.name)
-        else:
-            raise EdgecellsError(
-                f"{src}: not a bundle archive (expected {', '.join(ARCHIVE_SUFFIXES)})"
-            )
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
-        raise EdgecellsError(f"{src}: corrupt or unreadable archive ({exc})") from None
-    # Defence in depth: nothing written may resolve outside dest.
-    root = out.resolve()
-    for p in out.rglob("*"):
-        if p.is_symlink() or not p.resolve().is_relative_to(root):
-            raise EdgecellsError(f"{src}: archive member {p.name!r} escapes the bundle")
-    return out
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("EDGECELLS_CACHE") or os.environ.get("XDG_CACHE_HOME")
-    root = Path(base) if base else Path.home() / ".cache"
-    if not os.environ.get("EDGECELLS_CACHE"):
-        root = root / "edgecells"
-    return root / "bundles"
-
-
-def _extract_cached(archive: Path, extract_to: Path | None) -> Path:
-    if not archive.is_file():
-        raise EdgecellsError(f"{archive}: no such bundle archive")
-    if extract_to is not None:
-        dest = Path(extract_to)
-        if dest.exists() and any(dest.iterdir()):
-            raise EdgecellsError(f"{dest}: extraction folder exists and is not empty")
-        return extract_archive(archive, dest)
-    digest = sha256_file(archive)
-    cache = _cache_dir()
-    final = cache / digest[:32]
-    if final.is_dir():
-        return final  # contents are re-verified against the manifest by the caller
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=cache))
-    try:
-        extract_archive(archive, tmp)
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process won the race
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
-
-
-def _bundle_root_in(folder: Path, archive: Path) -> Path:
-    """manifest.json at the top of the archive, or inside its single top folder."""
-    if (folder / MANIFEST_NAME).is_file():
-        return folder
-    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
-    if len(entries) == 1 and entries[0].is_dir() and (entries[0] / MANIFEST_NAME).is_file():
-        return entries[0]
-    raise EdgecellsError(f"{archive}: archive holds no {MANIFEST_NAME}")
 
 
 # --------------------------------------------------------------------------- parsing
@@ -608,6 +425,46 @@ def _model(d: Any, i: int, mpath: str) -> ModelEntry:
     )
 
 
+def _selftest(d: Any, classes: list[str], ids: list[str], mpath: str) -> tuple[FileEntry, ...]:
+    """The optional ``selftest`` entry: sample files (hashed like model files) and labels."""
+    if d is None:
+        return ()
+    where = f"{mpath}: selftest"
+    if not isinstance(d, dict):
+        raise EdgecellsError(f"{where}: must be an object")
+    mid = d.get("model_id")
+    if mid is not None and mid not in ids:
+        raise EdgecellsError(f"{where}: model_id {mid!r} is not a model of this bundle")
+    samples = d.get("samples", [])
+    if not isinstance(samples, list) or len(samples) > SELFTEST_MAX_SAMPLES:
+        raise EdgecellsError(
+            f"{where}: samples must be a list of at most {SELFTEST_MAX_SAMPLES} entries"
+        )
+    out = []
+    for s in samples:
+        fe = _file(s, where)
+        label = s.get("label")
+        if label not in classes:
+            raise EdgecellsError(f"{where}: sample {fe.path} has unknown label {label!r}")
+        out.append(fe)
+    return tuple(out)
+
+
+def referenced_files(manifest: dict[str, Any]) -> list[str]:
+    """Every file path a (parsed) manifest references: model files, then self-test samples."""
+    paths: list[str] = []
+    for m in manifest.get("models", []):
+        for f in m.get("files") or [{"path": m.get("path")}]:
+            if f.get("path") not in paths:
+                paths.append(f["path"])
+    st = manifest.get("selftest")
+    if isinstance(st, dict):
+        for s in st.get("samples", []):
+            if s.get("path") not in paths:
+                paths.append(s["path"])
+    return paths
+
+
 def parse_manifest(manifest: Any, mpath: str = MANIFEST_NAME) -> dict[str, Any]:
     """Check a manifest object against schema v1; returns the parsed fields.
 
@@ -657,6 +514,11 @@ def parse_manifest(manifest: Any, mpath: str = MANIFEST_NAME) -> dict[str, Any]:
         raise EdgecellsError(f"{mpath}: stain_normalization {method!r} but no stain_target")
     crop = _req(manifest, "crop", dict, mpath)
     thresholds = _req(manifest, "thresholds", dict, mpath)
+    screening = thresholds.get("screening", {})
+    if screening is not None and not isinstance(screening, dict):
+        raise EdgecellsError(f"{mpath}: thresholds.screening must be an object")
+    check_ranges(manifest, mpath)
+    _no_nonfinite(manifest, mpath)
     models_raw = _req(manifest, "models", list, mpath)
     if not models_raw:
         raise EdgecellsError(f"{mpath}: bundle lists no models")
@@ -680,6 +542,7 @@ def parse_manifest(manifest: Any, mpath: str = MANIFEST_NAME) -> dict[str, Any]:
     provenance = manifest.get("provenance") or {}
     if not isinstance(validation, dict) or not isinstance(provenance, dict):
         raise EdgecellsError(f"{mpath}: validation and provenance must be objects")
+    selftest = _selftest(manifest.get("selftest"), classes, ids, mpath)
     return {
         "name": str(manifest.get("name", "")),
         "task": task,
@@ -692,75 +555,47 @@ def parse_manifest(manifest: Any, mpath: str = MANIFEST_NAME) -> dict[str, Any]:
         "models": models,
         "validation": validation,
         "provenance": provenance,
+        "selftest": selftest,
     }
 
 
-# --------------------------------------------------------------------------- loading
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
 
 
-def verify_files(root: Path, models: list[ModelEntry]) -> None:
-    """Check size and SHA-256 of every listed file; EdgecellsError naming the file."""
-    rroot = root.resolve()
-    for m in models:
-        for f in m.files:
-            p = root / f.path
-            if p.is_symlink() or (p.exists() and not p.resolve().is_relative_to(rroot)):
-                raise EdgecellsError(f"{p}: is a link or lies outside the bundle (refused)")
-            if not p.is_file():
-                raise EdgecellsError(f"{p}: missing (listed in {MANIFEST_NAME})")
-            size = p.stat().st_size
-            if size != f.bytes:
-                what = "truncated" if size < f.bytes else "wrong size"
-                raise EdgecellsError(
-                    f"{p}: {what} ({size} bytes, manifest says {f.bytes}); the file is "
-                    "damaged or does not belong to this bundle"
-                )
-            if sha256_file(p) != f.sha256:
-                raise EdgecellsError(
-                    f"{p}: SHA-256 mismatch (file modified or corrupted); refusing to load it"
-                )
+def loads_strict(text: str | bytes) -> Any:
+    """``json.loads`` that refuses NaN, Infinity and -Infinity (not JSON; strict parsers
+    reject them and they switch range checks off)."""
+    return json.loads(text, parse_constant=_no_constant)
 
 
-def read_manifest(root: Path) -> dict[str, Any]:
+def read_manifest_bytes(root: Path) -> bytes:
+    """The bytes of root/manifest.json: a regular file (not a link), size-limited."""
     mpath = root / MANIFEST_NAME
+    if mpath.is_symlink():
+        raise EdgecellsError(f"{mpath}: is a symbolic link (refused; copy the file itself)")
     if not mpath.is_file():
         raise EdgecellsError(f"{mpath}: missing (not a model bundle folder)")
-    if mpath.stat().st_size > MAX_MANIFEST_BYTES:
-        raise EdgecellsError(f"{mpath}: manifest too large")
     try:
-        return json.loads(mpath.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        if mpath.stat().st_size > MAX_MANIFEST_BYTES:
+            raise EdgecellsError(f"{mpath}: manifest too large")
+        return mpath.read_bytes()
+    except OSError as exc:
+        raise EdgecellsError(f"{mpath}: cannot read ({exc.strerror or exc})") from None
+
+
+def decode_manifest(data: bytes, mpath: str | os.PathLike[str]) -> Any:
+    """JSON of a manifest. NaN/Infinity are parsed here so that parse_manifest can name
+    the key that holds one (and refuse it)."""
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
         raise EdgecellsError(f"{mpath}: not valid JSON ({exc})") from None
 
 
-def load_bundle(
-    path: str | os.PathLike[str] | None = None,
-    verify: bool = True,
-    extract_to: str | os.PathLike[str] | None = None,
-) -> Bundle:
-    """Load and verify a bundle folder, its ``manifest.json``, or a bundle archive.
-
-    ``path`` None means the shipped reference bundle. Archives are extracted safely to
-    ``extract_to`` or to a cache folder keyed by the archive's SHA-256
-    (``$EDGECELLS_CACHE`` or ``~/.cache/edgecells/bundles``). With ``verify`` (the
-    default) every file's size and SHA-256 is checked against the manifest.
-    """
-    src = Path(path) if path is not None else default_bundle_path()
-    if is_archive(src):
-        root = _bundle_root_in(_extract_cached(src, Path(extract_to) if extract_to else None), src)
-    elif src.is_file() and src.name == MANIFEST_NAME:
-        root = src.parent
-    elif src.is_dir():
-        root = src
-    elif src.exists():
-        raise EdgecellsError(f"{src}: not a bundle folder, manifest.json or bundle archive")
-    else:
-        raise EdgecellsError(f"{src}: no such bundle")
-    manifest = read_manifest(root)
-    fields = parse_manifest(manifest, str(root / MANIFEST_NAME))
-    if verify:
-        verify_files(root, fields["models"])
-    return Bundle(root=root, manifest=manifest, source=str(src), **fields)
+def read_manifest(root: Path) -> dict[str, Any]:
+    """Parse root/manifest.json (JSON only; the schema is checked by parse_manifest)."""
+    return decode_manifest(read_manifest_bytes(root), root / MANIFEST_NAME)
 
 
 def write_manifest(root: str | os.PathLike[str], manifest: dict[str, Any]) -> Path:
