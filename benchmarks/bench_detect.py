@@ -9,7 +9,10 @@ under each transform:
 - gamma 0.8 and 1.25 (``255 * (v / 255) ** gamma``);
 - JPEG quality 50 (encode and decode);
 - Gaussian blur, sigma 1.5 px;
-- resized 0.5x (area) and 2x (bilinear) with the matching pixel size and boxes.
+- resized 0.5x (area) and 2x (bilinear) with the matching pixel size and boxes;
+
+and once more with each frame's pixel size estimated from its own red cells
+(``auto-px``; DeepBioNet mixes two magnifications).
 
 Matching: a detection is a true positive when its centre lies inside an annotated box of
 its kind, one to one (``edgecells.training.detection.match_centres``). WBC and platelet
@@ -154,6 +157,28 @@ def score(
     return wbc, plt
 
 
+def score_auto(
+    cfg: DetectConfig, frames: list[tuple[np.ndarray, dict[str, list[Box]]]], px: float
+) -> tuple[DetectionScore, DetectionScore]:
+    """Score with each frame's own pixel size, estimated from its red cells (the set's
+    value where a frame has too few)."""
+    from edgecells.edge.errors import EdgecellsError
+    from edgecells.edge.scale import estimate_pixel_size
+
+    wbc, plt = DetectionScore(), DetectionScore()
+    for img, boxes in frames:
+        try:
+            fpx = estimate_pixel_size([img]).pixel_size_um
+        except EdgecellsError:
+            fpx = px
+        w, p = score(CellDetector(cfg, fpx), [(img, boxes)], 1.0)
+        for a, b in ((wbc, w), (plt, p)):
+            a.n_true += b.n_true
+            a.n_pred += b.n_pred
+            a.tp += b.tp
+    return wbc, plt
+
+
 def time_detector(det: object, frames: list[np.ndarray], repeat: int = 5) -> float:
     """Best of ``repeat`` passes, mean ms per frame (the best pass is the least disturbed
     by other work on the machine)."""
@@ -186,6 +211,17 @@ def main() -> None:
             fn, factor = TRANSFORMS[tname]
             tframes = [(fn(img), boxes) for img, boxes in frames]
             dets = {"new": CellDetector(cfg, px / factor)}
+            if tname == "none":
+                # the pixel size estimated per frame from its red cells (edge/scale.py)
+                w, p = score_auto(cfg, tframes, px)
+                rows["auto-px/new"] = {"wbc": w.to_dict(), "platelets": p.to_dict()}
+                if not args.json:
+                    print(
+                        f"{set_name:13s} {'auto-px':10s} new WBC R {w.recall:6.2%} "
+                        f"P {w.precision:6.2%} ({w.tp}/{w.n_true}/{w.n_pred})  PLT "
+                        f"R {p.recall:6.2%} P {p.precision:6.2%} ({p.tp}/{p.n_true}/{p.n_pred})",
+                        flush=True,
+                    )
             if args.legacy:
                 dets["old"] = LegacyDetector(None, px / factor)  # type: ignore[assignment]
             for dname, det in dets.items():

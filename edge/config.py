@@ -40,7 +40,7 @@ Keys (section, key = default: meaning)::
     batch = 64               # most crops per inference call (all crops of a frame when fewer)
 
     [detect]
-    nucleus_min_um2 = 12.0   # smallest stained area accepted as a nucleated cell, um^2
+    nucleus_min_um2 = 20.0   # smallest stained area accepted as a nucleated cell, um^2
     platelet_min_um2 = 0.3   # platelet stained-area range, um^2
     platelet_max_um2 = 12.0
     stain_od = 0.0           # nuclear-stain threshold, optical density of (green - blue)
@@ -53,6 +53,7 @@ Keys (section, key = default: meaning)::
     stain_level_factor = 2.0
     stain_level_offset = 0.15
     cell_od = 0.15
+    stain_level_min_cover = 0.1   # cells covering less of the frame: no red-cell level (0)
     platelet_od_min = 0.2    # platelets: their own (lower) threshold, same rule with these
     platelet_level_factor = 1.5
     platelet_level_offset = 0.1
@@ -161,7 +162,7 @@ class InferenceConfig:
 
 @dataclass
 class DetectConfig:
-    nucleus_min_um2: float = 12.0
+    nucleus_min_um2: float = 20.0
     platelet_min_um2: float = 0.3
     platelet_max_um2: float = 12.0
     stain_od: float = 0.0
@@ -170,6 +171,7 @@ class DetectConfig:
     stain_level_factor: float = 2.0
     stain_level_offset: float = 0.15
     cell_od: float = 0.15
+    stain_level_min_cover: float = 0.1
     platelet_od_min: float = 0.2
     platelet_level_factor: float = 1.5
     platelet_level_offset: float = 0.1
@@ -295,6 +297,7 @@ def _validate(cfg: Config, name: str) -> None:
         (0 <= d.stain_level_factor <= 100, "detect.stain_level_factor must be in [0, 100]"),
         (-2.5 <= d.stain_level_offset <= 2.5, "detect.stain_level_offset must be in [-2.5, 2.5]"),
         (0 < d.cell_od <= 2.5, "detect.cell_od must be in (0, 2.5]"),
+        (0 <= d.stain_level_min_cover <= 1, "detect.stain_level_min_cover must be in [0, 1]"),
         (0 < d.platelet_od_min <= 2.5, "detect.platelet_od_min must be in (0, 2.5]"),
         (0 <= d.platelet_level_factor <= 100, "detect.platelet_level_factor must be in [0, 100]"),
         (

@@ -164,9 +164,10 @@ class CellDetector:
     def red_level(self, s: np.ndarray, small: np.ndarray) -> float:
         """The red cells' level on the stain channel (optical density): the
         ``stain_level_pct`` percentile over cell-covered pixels (darker than ``cell_od``
-        below the glass); 0 when cells cover under 5% of the frame (nothing to go by)."""
+        below the glass); 0 when cells cover less than ``stain_level_min_cover`` of the
+        frame (too few red cells to go by)."""
         cells = (~self._on_glass).astype(np.uint8)
-        if cv2.countNonZero(cells) < 0.05 * cells.size:
+        if cv2.countNonZero(cells) < self.cfg.stain_level_min_cover * cells.size:
             return 0.0
         return _quantile_u8(s, self.cfg.stain_level_pct / 100.0, cells) / 100.0
 
