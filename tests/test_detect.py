@@ -61,7 +61,7 @@ def test_bccd_test_list_targets() -> None:
     frames = [root / "JPEGImages" / f"{n}.jpg" for n in names]
     wbc, _ = _score(frames, root / "Annotations", 0.0738)
     assert wbc.recall >= 0.98
-    # 4 of the 74 detections are white cells BCCD left unannotated (see RESULTS.md)
+    # 4 of the 75 detections are white cells BCCD left unannotated (see RESULTS.md)
     assert wbc.precision >= 0.94
 
 
@@ -76,7 +76,7 @@ def test_deepbionet_test_split_targets() -> None:
     frames = [root / "frames" / f"{n}.jpg" for n in names]
     wbc, _ = _score(frames, root / "annotations", 0.1225)
     assert wbc.recall >= 0.98
-    assert wbc.precision >= 0.93
+    assert wbc.precision >= 0.96
 
 
 def test_white_balance_and_scale_changes_keep_the_white_cells() -> None:
