@@ -11,8 +11,10 @@ times, in ms per frame:
 - torchstain's Reinhard (numpy backend), StainTools' and HistomicsTK's;
 - two floors: a plain copy, and an OpenCV 8-bit RGB->LAB->RGB round trip;
 
-and prints every ratio. The comparison libraries are benchmark-only (see
-benchmarks/README.md for how to install them); a missing one is reported and skipped.
+and prints every ratio. Times are CPU time of the (single) thread, so they hold on a
+machine shared with other jobs (see :func:`timeit`). The comparison libraries are
+benchmark-only (see benchmarks/README.md for how to install them); a missing one is
+reported and skipped.
 
     python benchmarks/bench_stain.py [--frames 20] [--repeat 5] [--json]
 """
@@ -50,14 +52,19 @@ warnings.filterwarnings("ignore")
 
 
 def timeit(fn: Callable[[np.ndarray], object], frames: list[np.ndarray], repeat: int) -> float:
-    """Median over ``repeat`` passes of the mean ms per frame."""
+    """Median over ``repeat`` passes of the mean ms per frame, in CPU time of this thread.
+
+    Everything here is single-threaded (thread pools pinned to 1 above), so the thread's
+    CPU time is what the code costs on an idle core; wall time on a machine shared with
+    other jobs counts the time spent waiting for a core too (a 2-core machine with a load
+    of 15 inflates wall time up to ~8x, and unevenly between methods)."""
     fn(frames[0])  # warm-up (JIT, caches)
     runs = []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         for f in frames:
             fn(f)
-        runs.append((time.perf_counter() - t0) * 1000 / len(frames))
+        runs.append((time.thread_time() - t0) * 1000 / len(frames))
     return statistics.median(runs)
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from edgecells.edge.errors import EdgecellsError
+from edgecells.edge.fileio import user_cache_dir, write_json_atomic
 from edgecells.edge.imageio import IMAGE_SUFFIXES, read_image
 from edgecells.edge.mappings import ClassMapping
 from edgecells.edge.preprocess import PREPROCESS_VERSION, prepare_crop
@@ -233,11 +234,7 @@ def cache_key(samples: Sequence[Sample], classes: Sequence[str], extra: dict[str
 
 
 def default_cache_dir() -> Path:
-    env = os.environ.get("EDGECELLS_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "edgecells"
+    return user_cache_dir()
 
 
 def _try_read(path: Path) -> tuple[np.ndarray | None, str | None]:
@@ -291,10 +288,7 @@ def fit_stain_target(
             pass  # a broken cache entry is rebuilt
     images = (img for _, img in iter_images(samples, skipped, progress))
     target = StainTarget.fit(images)
-    cdir.mkdir(parents=True, exist_ok=True)
-    tmp = cfile.with_name(cfile.name + ".tmp")
-    tmp.write_text(json.dumps({"target": target.to_dict(), "skipped": skipped}), encoding="utf-8")
-    os.replace(tmp, cfile)
+    write_json_atomic(cfile, {"target": target.to_dict(), "skipped": skipped}, indent=None)
     return target, skipped
 
 

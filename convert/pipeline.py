@@ -27,6 +27,7 @@ from edgecells.convert import validate, writer
 from edgecells.convert.source import SourceModel
 from edgecells.edge.bundle import MANIFEST_NAME, load_bundle
 from edgecells.edge.errors import EdgecellsError
+from edgecells.edge.fileio import write_json_atomic
 
 ALL_FORMATS = ("tflite", "openvino", "onnx")
 REPORT_NAME = "validation.json"
@@ -430,9 +431,7 @@ def convert_model(
         step("adding self-test samples")
         _add_selftest(out, val_x, np.asarray(val_y), classes)
     report_path = out / REPORT_NAME
-    tmp = report_path.with_name(f".{REPORT_NAME}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, report_path)
+    write_json_atomic(report_path, report)
     load_bundle(out)  # the final manifest verifies
     return ConvertResult(
         bundle_dir=out,

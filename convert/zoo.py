@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from edgecells.edge.errors import EdgecellsError
@@ -112,10 +111,10 @@ def classes_and_mapping(name: str) -> tuple[list[str], dict[str, Any], str]:
 def synthetic_calibration(size: int, n: int, seed: int = 0) -> Any:
     """Augmented crops of the bundled sample frames, normalized like the device does."""
     from edgecells.calibration.calibset import synthetic_calibset
-    from edgecells.edge.imageio import list_images, read_image
+    from edgecells.edge.imageio import read_image
+    from edgecells.edge.resources import sample_frames
 
-    samples = Path(__file__).resolve().parents[1] / "edge" / "data" / "samples"
-    images = [read_image(p) for p in list_images(samples)] if samples.is_dir() else []
+    images = [read_image(p) for p in sample_frames()]
     target = None
     try:
         from edgecells.edge.bundle import load_bundle

@@ -15,7 +15,8 @@ Keys (section, key = default: meaning)::
     out = "edgecells-out"    # output folder (cells.csv, summary.json, report.html, frames/)
     frames = 0               # stop after this many frames; 0 = until the source ends
     annotate = false         # write an annotated PNG per frame (boxes coloured by class)
-    gallery_max = 48         # most crops per gallery (abnormal, unidentified) in report.html
+    gallery_max = 24         # most cells shown per class (and unidentified) in report.html;
+                             # each is a cut of the frame, linked to the annotated frame
 
     [camera]
     pixel_size_um = 0.073    # size of one camera pixel on the slide, micrometres/pixel, from
@@ -88,15 +89,15 @@ Keys (section, key = default: meaning)::
                              # 0.47-0.83)
     empty_min_cells = 1      # fewer cells (nucleated + platelets + red) than this = empty
 
-    [screening]              # the flag rule (edge/screening.py); each key < 0 (or
-                             # min_cells = 0) takes the value in the bundle's
-                             # thresholds.screening / thresholds.min_confidence
-    min_cells = 0            # INSUFFICIENT below this many classified nucleated cells
+    [screening]              # the flag rule (edge/screening.py); a key left out takes the
+                             # value in the bundle's thresholds.screening /
+                             # thresholds.min_confidence (no key is set by default)
+    min_cells = 100          # INSUFFICIENT below this many classified nucleated cells
                              # (bundle default 100, as a manual differential)
-    threshold = -1.0         # abnormal-fraction threshold for POSITIVE
-    confidence = -1.0        # one-sided confidence that the fraction exceeds the threshold
-    min_confidence = -1.0    # top-probability cut-off below which a cell is "unidentified"
-    false_positive_rate = -1.0  # classifier's per-cell normal->abnormal rate
+    threshold = 0.05         # abnormal-fraction threshold for POSITIVE
+    confidence = 0.95        # one-sided confidence that the fraction exceeds the threshold
+    min_confidence = 0.5     # top-probability cut-off below which a cell is "unidentified"
+    false_positive_rate = 0.02  # classifier's per-cell normal->abnormal rate
 
     [bundle]
     trusted_keys = "/etc/edgecells/trusted-keys"   # folder (or file) of Ed25519 public
@@ -135,7 +136,7 @@ class SessionConfig:
     out: str = "edgecells-out"
     frames: int = 0
     annotate: bool = False
-    gallery_max: int = 48
+    gallery_max: int = 24
 
 
 @dataclass
@@ -203,11 +204,23 @@ class QualityConfig:
 
 @dataclass
 class ScreeningConfig:
-    min_cells: int = 0
-    threshold: float = -1.0
-    confidence: float = -1.0
-    min_confidence: float = -1.0
-    false_positive_rate: float = -1.0
+    """Overrides of the bundle's flag rule; None = the bundle's value."""
+
+    min_cells: int | None = None
+    threshold: float | None = None
+    confidence: float | None = None
+    min_confidence: float | None = None
+    false_positive_rate: float | None = None
+
+
+# type of the keys whose default is None ("the bundle's value")
+OPTIONAL_TYPES: dict[str, Any] = {
+    "min_cells": 0,
+    "threshold": 0.0,
+    "confidence": 0.0,
+    "min_confidence": 0.0,
+    "false_positive_rate": 0.0,
+}
 
 
 @dataclass
@@ -257,6 +270,11 @@ def _coerce(where: str, value: Any, default: Any) -> Any:
             raise EdgecellsError(f"{where}: expected a list of finite numbers, got {value!r}")
         return [float(v) for v in value]
     raise EdgecellsError(f"{where}: unsupported value {value!r}")  # pragma: no cover
+
+
+def _opt(value: Any, ok: Any) -> bool:
+    """An optional key is valid when absent (None) or when ``ok(value)``."""
+    return value is None or bool(ok(value))
 
 
 def _validate(cfg: Config, name: str) -> None:
@@ -330,14 +348,23 @@ def _validate(cfg: Config, name: str) -> None:
         (0 <= c.quality.clipped_max <= 1, "quality.clipped_max must be in [0, 1]"),
         (c.quality.stain_max_distance > 0, "quality.stain_max_distance must be > 0"),
         (c.quality.empty_min_cells >= 0, "quality.empty_min_cells must be >= 0"),
-        (c.screening.min_cells >= 0, "screening.min_cells must be >= 0"),
-        (c.screening.threshold < 1, "screening.threshold must be < 1"),
+        (_opt(c.screening.min_cells, lambda v: v >= 1), "screening.min_cells must be >= 1"),
         (
-            c.screening.confidence < 0 or 0.5 <= c.screening.confidence < 1,
+            _opt(c.screening.threshold, lambda v: 0 <= v < 1),
+            "screening.threshold must be in [0, 1)",
+        ),
+        (
+            _opt(c.screening.confidence, lambda v: 0.5 <= v < 1),
             "screening.confidence must be in [0.5, 1)",
         ),
-        (c.screening.min_confidence < 1, "screening.min_confidence must be < 1"),
-        (c.screening.false_positive_rate < 1, "screening.false_positive_rate must be < 1"),
+        (
+            _opt(c.screening.min_confidence, lambda v: 0 <= v < 1),
+            "screening.min_confidence must be in [0, 1)",
+        ),
+        (
+            _opt(c.screening.false_positive_rate, lambda v: 0 <= v < 1),
+            "screening.false_positive_rate must be in [0, 1)",
+        ),
     ]
     for ok, msg in checks:
         if not ok:
@@ -378,7 +405,10 @@ def config_from_dict(data: dict[str, Any], name: str = "config") -> Config:
                     raise EdgecellsError(f'{where}: expected a number or "auto", got {value!r}')
                 sub.pixel_size_um = AUTO
                 continue
-            setattr(sub, key, _coerce(where, value, getattr(sub, key)))
+            default = getattr(sub, key)
+            if default is None:
+                default = OPTIONAL_TYPES[key]
+            setattr(sub, key, _coerce(where, value, default))
     _validate(cfg, name)
     return cfg
 
@@ -405,7 +435,10 @@ def dump_config(cfg: Config) -> str:
     for section, values in cfg.to_dict().items():
         lines.append(f"[{section}]")
         for key, value in values.items():
-            lines.append(f"{key} = {_toml_value(value)}")
+            if value is None:  # TOML has no null: left out = the bundle's value
+                lines.append(f"# {key} = (the bundle's value)")
+            else:
+                lines.append(f"{key} = {_toml_value(value)}")
         lines.append("")
     return "\n".join(lines)
 

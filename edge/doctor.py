@@ -49,7 +49,6 @@ from edgecells.edge.errors import EdgecellsError
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 GROUPS = ("backends", "config", "bundle", "camera", "scale", "disk", "system")
 SCALE_TOLERANCE = 0.10  # configured vs estimated pixel size: WARN beyond this
-SAMPLES_DIR = Path(__file__).resolve().parent / "data" / "samples"
 SELFTEST_DIR = "selftest"
 
 
@@ -322,11 +321,12 @@ def check_bundle(
 
 
 def _check_pipeline(report: Report, cfg: Any, bundle: Any, clf: Any, sample: Any) -> None:
-    from edgecells.edge.imageio import list_images, read_image
+    from edgecells.edge.imageio import read_image
     from edgecells.edge.pipeline import Pipeline
+    from edgecells.edge.resources import sample_frames
     from edgecells.edge.sources.base import Frame
 
-    path = Path(sample) if sample else list_images(SAMPLES_DIR)[0]
+    path = Path(sample) if sample else sample_frames()[0]
     try:
         img = read_image(path)
         pipe = Pipeline(cfg, bundle, clf)

@@ -9,7 +9,6 @@ what cannot be an image (zero-size, wrong rank, absurd size) with an
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import cv2
 import numpy as np
 
 from edgecells.edge.errors import EdgecellsError
+from edgecells.edge.fileio import atomic_write, default_file_mode  # noqa: F401 (re-export)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MAX_PIXELS = 8192 * 8192  # larger frames are refused: no microscope camera sends them
@@ -27,8 +27,20 @@ def as_rgb8(image: np.ndarray, name: str = "image", bgr: bool = False) -> np.nda
 
     Accepts HxW (gray), HxWx1, HxWx3 and HxWx4 (alpha dropped), in uint8, uint16
     (scaled by 1/257), float in [0, 1], or other integer types in 0..255. ``bgr`` says
-    the channels are in OpenCV order.
+    the channels are in OpenCV order. An array that is already RGB uint8 HxWx3 and
+    C-contiguous comes back as is (a type check, no copy): frames are converted once,
+    where they enter (the frame sources), and later calls cost nothing.
     """
+    if (
+        not bgr
+        and isinstance(image, np.ndarray)
+        and image.dtype == np.uint8
+        and image.ndim == 3
+        and image.shape[2] == 3
+        and image.flags.c_contiguous
+        and 0 < image.shape[0] * image.shape[1] <= MAX_PIXELS
+    ):
+        return image
     if not isinstance(image, np.ndarray):
         raise EdgecellsError(f"{name}: not an image array")
     if image.ndim not in (2, 3) or image.size == 0 or min(image.shape[:2]) == 0:
@@ -200,16 +212,8 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     return as_rgb8(img, name=str(p), bgr=img.ndim == 3)
 
 
-def default_file_mode() -> int:
-    """0666 less the process umask: what ``open()`` gives a new file (0644 under the usual
-    umask 022). Atomic writers use it, as ``mkstemp`` makes 0600 files."""
-    old = os.umask(0o022)
-    os.umask(old)
-    return 0o666 & ~old
-
-
 def write_image(path: str | os.PathLike[str], image: np.ndarray) -> None:
-    """Write an RGB uint8 image atomically (temporary file, then rename).
+    """Write an RGB uint8 image atomically (temporary file, fsync, rename).
 
     The suffix picks the format (no suffix: PNG); one OpenCV cannot write, or a write
     that fails, raises OSError (the caller decides what a failed write means); nothing is
@@ -227,16 +231,7 @@ def write_image(path: str | os.PathLike[str], image: np.ndarray) -> None:
         ok = False
     if not ok:
         raise EdgecellsError(f"{p}: cannot encode image as {suffix}")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.tobytes())
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(p, buf.tobytes())
 
 
 def list_images(path: str | os.PathLike[str], recursive: bool = True) -> list[Path]:

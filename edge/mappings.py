@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecells.edge.errors import EdgecellsError
+from edgecells.edge.fileio import write_json_atomic
 
 SCHEMA = "edgecells.mapping/1"
 DEFAULT_MAPPING = "pbc8"
@@ -128,11 +129,7 @@ class ClassMapping:
         )
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, p)
+        write_json_atomic(path, self.to_dict())
 
 
 def available_mappings() -> list[str]:

@@ -115,11 +115,15 @@ class QualityTally:
         self.failed: Counter[str] = Counter()
         self.unreadable = 0
 
-    def add(self, q: FrameQuality) -> None:
-        if q.ok:
+    def count(self, status: str, reason: str = "") -> None:
+        """One frame: ``status`` "ok" passed; else skipped for ``reason`` (a gate's name
+        or "unreadable")."""
+        if status == "ok":
             self.passed += 1
+        elif reason == "unreadable":
+            self.unreadable += 1
         else:
-            self.failed[str(q.failed)] += 1
+            self.failed[reason] += 1
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -127,11 +131,3 @@ class QualityTally:
             "failed": {g: int(self.failed.get(g, 0)) for g in GATES},
             "unreadable": self.unreadable,
         }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> QualityTally:
-        t = cls()
-        t.passed = int(d.get("passed", 0))
-        t.failed.update({k: int(v) for k, v in (d.get("failed") or {}).items()})
-        t.unreadable = int(d.get("unreadable", 0))
-        return t

@@ -9,27 +9,47 @@ hand.
                   per-stage milliseconds; written after the frame's cells, so a frame in
                   this file is complete (``--resume`` trusts it).
 ``summary.json``  the result so far, rewritten atomically (temporary file + rename).
-``report.html``   counts, flag, confidence interval, quality, latency and a gallery of
-                  abnormal and unidentified crops (``gallery/``) for a person to review.
-``frames/``       annotated PNG per frame on request (boxes coloured by class).
+``report.html``   one self-contained page (inline CSS and SVG, no script, no network):
+                  the flag in colour with its reason, the differential as a bar chart
+                  with 95% intervals, cells per frame, per-class galleries of cells cut
+                  from the frame at native resolution (``gallery/``), quality, latency
+                  (distribution, warm-up apart) — see :func:`render_html`.
+``frames/``       annotated frames (boxes coloured by class): a PNG per frame with
+                  ``--annotate``, else a JPEG for each frame holding a gallery cell (what
+                  a gallery image links to).
 """
 
 from __future__ import annotations
 
 import csv
-import errno
 import html
+import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
-from edgecells.edge.errors import EdgecellsError
-from edgecells.edge.imageio import default_file_mode, write_image
-from edgecells.edge.jsonsafe import dumps
+from edgecells.edge.fileio import disk_error, write_json_atomic, write_text_atomic
+from edgecells.edge.imageio import write_image
+from edgecells.edge.screening import NON_NUCLEATED, wilson_interval
+
+__all__ = [
+    "CELL_FIELDS",
+    "FRAME_FIELDS",
+    "CsvLog",
+    "Timeline",
+    "annotate_frame",
+    "cell_box",
+    "disk_error",
+    "read_csv",
+    "render_html",
+    "rewrite_csv",
+    "save_png",
+    "write_json_atomic",
+    "write_text_atomic",
+]
 
 CELL_FIELDS = (
     "frame",
@@ -76,50 +96,6 @@ PALETTE = [
     (127, 127, 127),
 ]
 UNIDENTIFIED_COLOUR = (0, 0, 0)
-
-
-def disk_error(path: Path, exc: OSError) -> EdgecellsError:
-    """A one-line error for a failed write; a full disk says so."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return EdgecellsError(f"{path}: disk full; rows written so far are kept", exit_code=3)
-    return EdgecellsError(f"{path}: cannot write ({exc.strerror or exc})", exit_code=3)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file in the same folder, fsync, then rename."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(dumps(data, indent=2))
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, default_file_mode())  # as the CSVs (mkstemp makes 0600)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError as exc:
-        raise disk_error(path, exc) from None
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.chmod(tmp, default_file_mode())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError as exc:
-        raise disk_error(path, exc) from None
 
 
 class CsvLog:
@@ -227,47 +203,320 @@ def save_png(path: Path, image: np.ndarray) -> None:
         raise disk_error(path, exc) from None
 
 
+def cell_box(cell: dict[str, Any], shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """The region to show for a cell, ``(x0, y0, x1, y1)`` clipped to a frame of ``shape``.
+
+    The detected cell's own box, with a quarter of its larger side as margin: ``x/y/w/h``
+    in rows that carry the crop square separately (``crop_x/crop_y/crop_side``, the
+    pipeline's rows), or ``box_x/box_y/box_w/box_h``; else (older rows) the classifier's
+    crop square ``x/y/w/h``. Cut from the frame itself, never padded or mirrored."""
+    h_img, w_img = int(shape[0]), int(shape[1])
+    own = None
+    if all(cell.get(k) not in (None, "") for k in ("box_x", "box_y", "box_w", "box_h")):
+        own = ("box_x", "box_y", "box_w", "box_h")
+    elif cell.get("crop_side") not in (None, ""):
+        own = ("x", "y", "w", "h")
+    if own is not None:
+        x, y, w, h = (float(cell[k]) for k in own)
+        m = 0.25 * max(w, h)
+        x, y, w, h = x - m, y - m, w + 2 * m, h + 2 * m
+    else:
+        x, y, w, h = (float(cell[k]) for k in ("x", "y", "w", "h"))
+    x0, y0 = max(0, int(math.floor(x))), max(0, int(math.floor(y)))
+    x1, y1 = min(w_img, int(math.ceil(x + w))), min(h_img, int(math.ceil(y + h)))
+    return x0, y0, max(x0, x1), max(y0, y1)
+
+
+class Timeline:
+    """Cells and abnormal cells per frame in at most ``max_bins`` bins (constant memory:
+    when the bins are full, neighbours merge and each bin covers twice the frames)."""
+
+    def __init__(self, max_bins: int = 200) -> None:
+        self.max_bins = max(2, max_bins - max_bins % 2)
+        self.width = 1  # frames per bin
+        self.cells: list[int] = []
+        self.abnormal: list[int] = []
+        self.first = -1  # index of the first frame
+
+    def add(self, index: int, cells: int, abnormal: int) -> None:
+        if self.first < 0:
+            self.first = index
+        b = max(0, index - self.first) // self.width
+        while b >= self.max_bins:
+            self.cells = [sum(self.cells[i : i + 2]) for i in range(0, len(self.cells), 2)]
+            self.abnormal = [sum(self.abnormal[i : i + 2]) for i in range(0, len(self.abnormal), 2)]
+            self.width *= 2
+            b = (index - self.first) // self.width
+        while len(self.cells) <= b:
+            self.cells.append(0)
+            self.abnormal.append(0)
+        self.cells[b] += cells
+        self.abnormal[b] += abnormal
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "first_frame": max(self.first, 0),
+            "frames_per_bin": self.width,
+            "cells": list(self.cells),
+            "abnormal": list(self.abnormal),
+        }
+
+
+# --------------------------------------------------------------------------- report.html
+
+FLAG_COLOURS = {
+    "POSITIVE": "#b00020",  # red
+    "REVIEW": "#c25e00",  # orange
+    "NEGATIVE": "#1b7f3b",  # green
+    "INSUFFICIENT": "#5f6368",  # grey
+}
+ABNORMAL_COLOUR = "#c62828"
+NORMAL_COLOUR = "#1f77b4"
+_CSS = """
+body{font-family:sans-serif;margin:1.5em;max-width:72em;color:#222}
+table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:3px 8px;
+text-align:right}th{background:#eee}td:first-child{text-align:left}
+.flag{color:#fff;padding:.6em 1em;border-radius:6px;margin:.5em 0 1em}
+.flag .state{font-size:2em;font-weight:bold;letter-spacing:.05em}
+.flag .why{font-size:1.05em;margin-top:.2em}
+svg{display:block;margin:.4em 0}svg text{font-family:sans-serif;font-size:12px}
+.g{display:flex;flex-wrap:wrap;gap:6px}.g figure{margin:0;text-align:center;font-size:70%}
+.g img{height:112px;width:auto;border:1px solid #999;display:block}
+.note{color:#555;font-size:90%}
+"""
+
+
+def _e(v: Any) -> str:
+    return html.escape(str(v), quote=True)
+
+
 def _table(rows: list[tuple[Any, ...]], head: tuple[str, ...]) -> str:
-    th = "".join(f"<th>{html.escape(str(h))}</th>" for h in head)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r) + "</tr>" for r in rows
-    )
+    th = "".join(f"<th>{_e(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in r) + "</tr>" for r in rows)
     return f"<table><tr>{th}</tr>{body}</table>"
 
 
-def render_html(summary: dict[str, Any], gallery: dict[str, list[dict[str, Any]]]) -> str:
-    """The human report: flag, counts, CI, quality, latency, crops to review."""
-    flag = summary.get("flag", "")
-    colour = {"POSITIVE": "#b00020", "NEGATIVE": "#1b7f3b"}.get(flag, "#8a6d00")
+def flag_reason(summary: dict[str, Any]) -> str:
+    """The flag's reason, whichever field the screening result carries it in."""
+    for key in ("flag_reason", "review_reason", "reason"):
+        v = summary.get(key)
+        if v:
+            return str(v)
+    return ""
+
+
+def differential_chart(summary: dict[str, Any], width: int = 640) -> str:
+    """Horizontal bars: each nucleated class's share of the identified nucleated cells,
+    with its 95% Wilson interval as a whisker; abnormal classes in red."""
+    counts = summary.get("counts", {}) or {}
+    abnormal = set(summary.get("abnormal_classes", []) or [])
+    classes = [c for c in counts if c.lower() not in NON_NUCLEATED]
+    n = sum(int(counts[c]) for c in classes)
+    row, left, right = 22, 110, 150
+    plot = width - left - right
+    h = row * len(classes) + 30
+    parts = [
+        f"<svg id='differential-chart' width='{width}' "
+        f"height='{h}' role='img' aria-label='differential count with 95% intervals'>"
+    ]
+    for t in (0, 0.25, 0.5, 0.75, 1.0):
+        x = left + t * plot
+        parts.append(
+            f"<line x1='{x:.1f}' y1='4' x2='{x:.1f}' y2='{h - 22}' stroke='#ddd'/>"
+            f"<text x='{x:.1f}' y='{h - 8}' text-anchor='middle'>{t:.0%}</text>"
+        )
+    for i, c in enumerate(classes):
+        k = int(counts[c])
+        y = 6 + i * row
+        frac = k / n if n else 0.0
+        lo, hi = wilson_interval(k, n)
+        colour = ABNORMAL_COLOUR if c in abnormal else NORMAL_COLOUR
+        parts.append(
+            f"<text x='{left - 6}' y='{y + 13}' text-anchor='end'>{_e(c)}</text>"
+            f"<rect class='bar' data-class='{_e(c)}' x='{left}' y='{y + 2}' "
+            f"width='{frac * plot:.1f}' height='{row - 8}' fill='{colour}'/>"
+        )
+        if n:
+            x0, x1, ym = left + lo * plot, left + hi * plot, y + row / 2 - 1
+            parts.append(
+                f"<g stroke='#222' stroke-width='1.3'><line x1='{x0:.1f}' y1='{ym:.1f}' "
+                f"x2='{x1:.1f}' y2='{ym:.1f}'/><line x1='{x0:.1f}' y1='{ym - 5:.1f}' "
+                f"x2='{x0:.1f}' y2='{ym + 5:.1f}'/><line x1='{x1:.1f}' y1='{ym - 5:.1f}' "
+                f"x2='{x1:.1f}' y2='{ym + 5:.1f}'/></g>"
+            )
+        label = f"{k} ({frac:.1%}; {lo:.1%}-{hi:.1%})" if n else str(k)
+        parts.append(f"<text x='{left + plot + 6}' y='{y + 13}'>{_e(label)}</text>")
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def timeline_chart(tl: dict[str, Any] | None, width: int = 640, height: int = 120) -> str:
+    """Cells (grey) and abnormal cells (red) per frame (or per bin of frames)."""
+    if not tl or not tl.get("cells"):
+        return "<p class='note'>No frames yet.</p>"
+    cells, abn = tl["cells"], tl["abnormal"]
+    per, first = int(tl.get("frames_per_bin", 1)), int(tl.get("first_frame", 0))
+    left, bottom = 40, 22
+    plot_w, plot_h = width - left - 10, height - bottom - 8
+    top = max(max(cells), 1)
+    bw = plot_w / len(cells)
+    parts = [
+        f"<svg id='timeline-chart' width='{width}' "
+        f"height='{height}' role='img' aria-label='cells per frame'>",
+        f"<text x='{left - 4}' y='14' text-anchor='end'>{top}</text>"
+        f"<text x='{left - 4}' y='{8 + plot_h}' text-anchor='end'>0</text>",
+    ]
+    for i, (c, a) in enumerate(zip(cells, abn)):
+        x = left + i * bw
+        hc, ha = plot_h * c / top, plot_h * a / top
+        parts.append(
+            f"<rect x='{x:.2f}' y='{8 + plot_h - hc:.2f}' width='{max(bw - 0.5, 0.5):.2f}' "
+            f"height='{hc:.2f}' fill='#9e9e9e'/>"
+        )
+        if a:
+            parts.append(
+                f"<rect class='abn' x='{x:.2f}' y='{8 + plot_h - ha:.2f}' "
+                f"width='{max(bw - 0.5, 0.5):.2f}' height='{ha:.2f}' fill='{ABNORMAL_COLOUR}'/>"
+            )
+    last = first + per * len(cells) - 1
+    unit = "frame" if per == 1 else f"frame ({per} frames per bar)"
+    parts.append(
+        f"<text x='{left}' y='{height - 6}'>{first}</text>"
+        f"<text x='{width - 10}' y='{height - 6}' text-anchor='end'>{last}</text>"
+        f"<text x='{left + plot_w / 2:.0f}' y='{height - 6}' text-anchor='middle'>{_e(unit)}"
+        "</text></svg>"
+    )
+    return "".join(parts)
+
+
+def latency_chart(
+    bins: list[tuple[float, float, int]] | None, marks: dict[str, float], width: int = 640
+) -> str:
+    """Histogram of per-frame latency (log-spaced bins) with p50/p95/p99 marks."""
+    if not bins:
+        return "<p class='note'>No timed frames after warm-up.</p>"
+    height, left, bottom = 140, 40, 24
+    plot_w, plot_h = width - left - 10, height - bottom - 10
+    top = max(c for _, _, c in bins) or 1
+    lo_all, hi_all = max(bins[0][0], 1e-3), max(bins[-1][1], bins[0][0] * 1.01 + 1e-3)
+    span = math.log(hi_all / lo_all) or 1.0
+
+    def xpos(ms: float) -> float:
+        return left + plot_w * min(max(math.log(max(ms, 1e-3) / lo_all) / span, 0.0), 1.0)
+
+    parts = [
+        f"<svg id='latency-chart' width='{width}' "
+        f"height='{height}' role='img' aria-label='frame latency distribution'>"
+    ]
+    for lo, hi, c in bins:
+        x0, x1 = xpos(max(lo, lo_all)), xpos(hi)
+        hc = plot_h * c / top
+        parts.append(
+            f"<rect x='{x0:.1f}' y='{10 + plot_h - hc:.1f}' width='{max(x1 - x0 - 0.5, 0.8):.1f}' "
+            f"height='{hc:.1f}' fill='{NORMAL_COLOUR}'><title>{lo:.2f}-{hi:.2f} ms: {c}</title>"
+            "</rect>"
+        )
+    for i, (name, ms) in enumerate(marks.items()):
+        x = xpos(ms)
+        right = x > left + 0.7 * plot_w  # label on the left of its line near the edge
+        tx, anchor = (x - 3, "end") if right else (x + 3, "start")
+        parts.append(
+            f"<line x1='{x:.1f}' y1='8' x2='{x:.1f}' y2='{10 + plot_h}' stroke='#222' "
+            f"stroke-dasharray='3,2'/><text x='{tx:.1f}' y='{20 + 12 * i}' "
+            f"text-anchor='{anchor}'>{_e(name)} {ms:.1f} ms</text>"
+        )
+    parts.append(
+        f"<text x='{left}' y='{height - 6}'>{lo_all:.1f} ms</text>"
+        f"<text x='{width - 10}' y='{height - 6}' text-anchor='end'>{hi_all:.1f} ms</text>"
+        f"<text x='{left + plot_w / 2:.0f}' y='{height - 6}' text-anchor='middle'>"
+        "ms per frame (log scale)</text></svg>"
+    )
+    return "".join(parts)
+
+
+def warmup_line(lat: dict[str, Any]) -> str:
+    """``warm-up: 1 frame, 512 ms (stain 430, ...)``, or '' without warm-up."""
+    w = lat.get("warmup") or {}
+    if not w.get("frames"):
+        return ""
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in (w.get("stages_ms") or {}).items())
+    n = int(w["frames"])
+    return (
+        f"warm-up (first run of each stage, not in the percentiles): {n} frame"
+        f"{'s' if n != 1 else ''}, {float(w.get('frame_ms', 0)):.1f} ms ({stages} ms)"
+    )
+
+
+def render_html(
+    summary: dict[str, Any],
+    gallery: dict[str, list[dict[str, Any]]],
+    timeline: dict[str, Any] | None = None,
+    latency_bins: list[tuple[float, float, int]] | None = None,
+) -> str:
+    """The human report, one self-contained page (inline CSS and SVG; no script, no
+    network): the flag and its reason in colour, the differential with 95% intervals,
+    cells per frame, per-class galleries (each links to its annotated frame), quality,
+    latency with its distribution and warm-up, and the run."""
+    flag = str(summary.get("flag", ""))
+    colour = FLAG_COLOURS.get(flag, "#444")
     lo, hi = summary.get("ci95", [0.0, 1.0])
-    counts = summary.get("counts", {})
+    counts = summary.get("counts", {}) or {}
+    reason = flag_reason(summary)
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>edgecells report</title>",
-        "<style>body{font-family:sans-serif;margin:2em;max-width:70em}"
-        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
-        "padding:3px 8px;text-align:right}th{background:#eee}.flag{font-size:2em;"
-        f"font-weight:bold;color:{colour}}}.g img{{width:96px;height:96px;margin:2px;"
-        "image-rendering:pixelated}.g figure{display:inline-block;margin:2px;"
-        "font-size:70%;text-align:center}</style></head><body>",
+        f"<style>{_CSS}</style></head><body>",
         "<h1>edgecells screening report</h1>",
         *(
             [
-                "<p style='color:#b00020;font-weight:bold'>Session ended early, not "
-                f"complete: {html.escape(str(summary['error']))}</p>"
+                "<p id='ended-early' style='color:#b00020;font-weight:bold'>Session ended "
+                f"early, not complete: {_e(summary['error'])}</p>"
             ]
             if summary.get("error")
             else []
         ),
-        f"<p class='flag'>{html.escape(flag)}</p>",
-        f"<p>{html.escape(summary.get('reason', ''))}</p>",
+        f"<div id='flag' class='flag' data-flag='{_e(flag)}' style='background:{colour}'>"
+        f"<div class='state'>{_e(flag)}</div><div class='why'>{_e(reason)}</div></div>",
+    ]
+    if summary.get("reason") and summary.get("reason") != reason:
+        parts.append(f"<p>{_e(summary['reason'])}</p>")
+    parts += [
         f"<p>Abnormal {summary.get('abnormal', 0)} of {summary.get('cells', 0)} identified "
         f"nucleated cells: {summary.get('abnormal_fraction', 0.0):.2%} "
         f"(95% Wilson CI {lo:.2%} – {hi:.2%}); unidentified {summary.get('unidentified', 0)};"
         f" platelets {summary.get('platelets', 0)}.</p>",
         "<h2>Differential count</h2>",
-        _table([(k, v) for k, v in counts.items()], ("class", "cells")),
-        "<h2>Frames and quality</h2>",
+        "<p class='note'>Share of the identified nucleated cells per class with its 95% Wilson"
+        " interval; abnormal classes in red. Unidentified cells and platelets are not in the"
+        " differential.</p>",
+        differential_chart(summary),
+        _table(
+            [(k, v) for k, v in counts.items()]
+            + [("unidentified", summary.get("unidentified", 0))],
+            ("class", "cells"),
+        ),
+        "<h2>Cells per frame</h2>",
+        "<p class='note'>All classified cells (grey) and abnormal ones (red).</p>",
+        timeline_chart(timeline or summary.get("timeline")),
     ]
+    parts.append("<h2>Cells to review</h2>")
+    shown = [(k, v) for k, v in gallery.items() if v]
+    if not shown:
+        parts.append("<p class='note'>No cells.</p>")
+    for title, items in shown:
+        total = summary.get("unidentified", 0) if title == "unidentified" else counts.get(title)
+        of = f" of {total}" if total is not None else ""
+        parts.append(
+            f"<h3>{_e(title)} ({len(items)}{of} shown)</h3>"
+            f"<div class='g gallery' data-class='{_e(title)}'>"
+        )
+        for it in items:
+            cap = f"frame {it['frame']} · {it['label']} {float(it['confidence']):.2f}"
+            img = f"<img src='{_e(it['src'])}' alt='{_e(cap)}'>"
+            if it.get("frame_src"):
+                img = f"<a href='{_e(it['frame_src'])}' title='annotated frame'>{img}</a>"
+            parts.append(f"<figure>{img}<figcaption>{_e(cap)}</figcaption></figure>")
+        parts.append("</div>")
+    parts.append("<h2>Frames and quality</h2>")
     q = summary.get("quality", {})
     qrows = [("frames read", summary.get("frames", 0)), ("passed", q.get("passed", 0))]
     qrows += [(f"skipped: {k}", v) for k, v in (q.get("failed") or {}).items()]
@@ -275,21 +524,22 @@ def render_html(summary: dict[str, Any], gallery: dict[str, list[dict[str, Any]]
     parts.append(_table(qrows, ("", "frames")))
     lat = summary.get("latency_ms", {})
     lrows = [
-        (k, v.get("p50_ms", ""), v.get("p95_ms", ""), v.get("p99_ms", ""))
+        (k, v.get("p50_ms", ""), v.get("p95_ms", ""), v.get("p99_ms", ""), v.get("n", ""))
         for k, v in lat.items()
-        if isinstance(v, dict)
+        if isinstance(v, dict) and "p50_ms" in v
     ]
-    parts += ["<h2>Latency (ms)</h2>", _table(lrows, ("stage", "p50", "p95", "p99"))]
-    for title, items in gallery.items():
-        parts.append(f"<h2>{html.escape(title)} ({len(items)} shown)</h2><div class='g'>")
-        for it in items:
-            cap = f"frame {it['frame']} · {it['label']} {float(it['confidence']):.2f}"
-            parts.append(
-                f"<figure><img src='{html.escape(it['src'])}' alt=''>"
-                f"<figcaption>{html.escape(cap)}</figcaption></figure>"
-            )
-        parts.append("</div>")
-    run = {k: summary.get(k) for k in ("source", "bundle", "backend", "threads", "started")}
+    parts += ["<h2>Latency (ms)</h2>", _table(lrows, ("stage", "p50", "p95", "p99", "n"))]
+    wl = warmup_line(lat)
+    if wl:
+        parts.append(f"<p id='warmup'>{_e(wl)}</p>")
+    fr = lat.get("frame", {}) if isinstance(lat.get("frame"), dict) else {}
+    marks = {k[:3]: float(fr[k]) for k in ("p50_ms", "p95_ms", "p99_ms") if fr.get(k)}
+    parts.append(latency_chart(latency_bins, marks))
+    run = {
+        k: summary.get(k)
+        for k in ("source", "bundle", "backend", "threads", "started")
+        if summary.get(k) is not None
+    }
     parts.append("<h2>Run</h2>" + _table([(k, v) for k, v in run.items()], ("", "")))
     parts.append("</body></html>")
     return "\n".join(parts)

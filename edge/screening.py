@@ -96,7 +96,7 @@ class ScreeningRule:
 
     @classmethod
     def from_bundle(cls, thresholds: dict[str, Any], overrides: Any = None) -> ScreeningRule:
-        """From a bundle's ``thresholds``; ``overrides`` a ScreeningConfig (< 0 = keep)."""
+        """From a bundle's ``thresholds``; ``overrides`` a ScreeningConfig (None = keep)."""
         s = dict(thresholds.get("screening", {}) or {})
         rule = cls(
             min_cells=int(s.get("min_cells", 100)),
@@ -106,11 +106,11 @@ class ScreeningRule:
             false_positive_rate=float(s.get("false_positive_rate", 0.0)),
         )
         if overrides is not None:
-            if overrides.min_cells > 0:
+            if overrides.min_cells is not None:
                 rule.min_cells = int(overrides.min_cells)
             for key in ("threshold", "confidence", "min_confidence", "false_positive_rate"):
                 v = getattr(overrides, key)
-                if v >= 0:
+                if v is not None:
                     setattr(rule, key, float(v))
             rule.__post_init__()
         return rule

@@ -31,8 +31,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from edgecells.edge.config import Config
 from edgecells.edge.detect import NUCLEATED
 from edgecells.edge.errors import EdgecellsError
@@ -42,7 +40,9 @@ from edgecells.edge.report import (
     CELL_FIELDS,
     FRAME_FIELDS,
     CsvLog,
+    Timeline,
     annotate_frame,
+    cell_box,
     read_csv,
     render_html,
     rewrite_csv,
@@ -88,8 +88,15 @@ class Session:
         self.annotate = annotate
         self.info = dict(info or {})
         self.info.setdefault("started", datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        self.gallery: dict[str, list[dict[str, Any]]] = {"abnormal": [], "unidentified": []}
+        # per-class galleries (abnormal classes, unidentified, then normal classes), each
+        # capped at gallery_max cells: native-resolution cuts of the frame, so the memory
+        # and disk a session uses do not grow with its length
+        abn = self.pipe.abnormal_names()
+        order = [c for c in self.classes if c in abn] + [UNIDENTIFIED]
+        order += [c for c in self.classes if c not in abn]
+        self.gallery: dict[str, list[dict[str, Any]]] = {c: [] for c in order}
         self.gallery_max = cfg.session.gallery_max
+        self.timeline = Timeline()
         self.events: list[str] = []
         self.summary_every_s = summary_every_s
         self._last_summary = 0.0
@@ -214,13 +221,10 @@ class Session:
             log.warning(self.events[-1])
         for r in frames:
             self.frames += 1
-            if r["status"] == "ok":
-                self.quality.passed += 1
-            elif r["reason"] == "unreadable":
-                self.quality.unreadable += 1
-            else:
-                self.quality.failed[r["reason"]] += 1
+            self.quality.count(r["status"], r["reason"])
             self.red_cells += int(r.get("red_cells") or 0)
+        abnormal_names = self.pipe.abnormal_names()
+        per_frame: dict[int, list[int]] = {}
         for r in kept:
             label = r["label"]
             if label != UNIDENTIFIED and label not in self.tally.counts:
@@ -230,18 +234,18 @@ class Session:
                 )
             self.tally.add(label)
             self.nucleated_found += r.get("kind") == NUCLEATED
-            if label == UNIDENTIFIED or label in self.pipe.abnormal_names():
-                key = "unidentified" if label == UNIDENTIFIED else "abnormal"
-                src = f"gallery/{int(r['frame']):06d}_{int(r['cell']):03d}.png"
-                if (self.out / src).exists() and len(self.gallery[key]) < self.gallery_max:
-                    self.gallery[key].append(
-                        {
-                            "frame": r["frame"],
-                            "label": label,
-                            "confidence": r["confidence"],
-                            "src": src,
-                        }
-                    )
+            fi = int(r["frame"])
+            tl = per_frame.setdefault(fi, [0, 0])
+            tl[0] += 1
+            tl[1] += label in abnormal_names
+            src = f"gallery/{fi:06d}_{int(r['cell']):03d}.png"
+            items = self.gallery.get(label)
+            if items is not None and len(items) < self.gallery_max and (self.out / src).exists():
+                items.append(self._gallery_item(fi, int(r["cell"]), label, r["confidence"]))
+        for r in frames:
+            fi = int(r["frame"])
+            c, a = per_frame.get(fi, (0, 0))
+            self.timeline.add(fi, c, a)
         self.next_index = max(done) + 1 if done else 0
         self.events.append(f"resumed after frame {self.next_index - 1} ({len(kept)} cells)")
         log.info(self.events[-1])
@@ -283,22 +287,18 @@ class Session:
         failed write (full disk) left out of frames.csv."""
         f0 = time.perf_counter()
         try:
-            res, crops = self.pipe.process(frame)
+            res, _ = self.pipe.process(frame)
         except EdgecellsError as exc:  # an odd frame never ends the session
-            res, crops = FrameResult(frame.index, "skip", "unreadable"), None
+            res = FrameResult(frame.index, "skip", "unreadable")
             log.warning("frame %d: %s", frame.index, exc)
         if frame.error:
             log.warning("frame %d skipped: %s", frame.index, frame.error)
         res.timings["capture"] = capture_ms
         a0 = time.perf_counter()
-        shown = self._write_cells(frame, res, crops)
+        shown = self._write_cells(frame, res)
         res.timings["aggregate"] = (time.perf_counter() - a0) * 1000
-        lat = self.pipe.latency
-        for k, v in res.timings.items():
-            lat.add(k, v)
-        if res.status == "ok" and res.cells:
-            lat.per_cell.add(res.timings["inference"] / len(res.cells))
-        lat.frame.add((time.perf_counter() - f0) * 1000 + capture_ms)
+        frame_ms = (time.perf_counter() - f0) * 1000 + capture_ms
+        self.pipe.latency.add_frame(res.timings, frame_ms, len(res.cells))
         self._write_frame_row(frame, res)
         self._count(frame, res, shown)
         self._last = res
@@ -309,39 +309,54 @@ class Session:
                 self.write_summary(final=False)
         return res
 
-    def _write_cells(
-        self, frame: Frame, res: FrameResult, crops: np.ndarray | None
-    ) -> list[tuple[str, dict[str, Any]]]:
-        """Write the frame's cell rows, gallery crops and annotated frame; returns the
-        gallery entries to add once the frame is recorded."""
+    def _write_cells(self, frame: Frame, res: FrameResult) -> list[tuple[str, dict[str, Any]]]:
+        """Write the frame's cell rows, gallery cells (cut from the frame at native
+        resolution) and annotated frame; returns the gallery entries to add once the
+        frame is recorded."""
         shown: list[tuple[str, dict[str, Any]]] = []
         if res.status != "ok":
             return shown
-        abnormal_names = self.pipe.abnormal_names()
         room = {k: self.gallery_max - len(v) for k, v in self.gallery.items()}
+        img = frame.image
         for i, c in enumerate(res.cells):
             if self._cells is not None:
                 self._cells.write(c)
-            key = None
-            if c["label"] == UNIDENTIFIED:
-                key = "unidentified"
-            elif c["label"] in abnormal_names:
-                key = "abnormal"
-            if key and self.out is not None and crops is not None and room[key] > 0:
-                room[key] -= 1
-                src = f"gallery/{frame.index:06d}_{i:03d}.png"
-                save_png(self.out / src, crops[i])
-                entry = {
-                    "frame": frame.index,
-                    "label": c["label"],
-                    "confidence": c["confidence"],
-                    "src": src,
-                }
-                shown.append((key, entry))
-        if self.annotate and self.out is not None and frame.image is not None:
-            img = annotate_frame(frame.image, res.cells, self.classes)
-            save_png(self.out / "frames" / f"{frame.index:06d}.png", img)
+            label = c["label"]
+            if self.out is None or img is None or room.get(label, 0) <= 0:
+                continue
+            x0, y0, x1, y1 = cell_box(c, img.shape)
+            if x1 > x0 and y1 > y0:
+                room[label] -= 1
+                item = self._gallery_item(frame.index, i, label, c["confidence"])
+                save_png(self.out / item["src"], img[y0:y1, x0:x1])
+                shown.append((label, item))
+        if self.out is not None and img is not None and (self.annotate or shown):
+            save_png(
+                self.out / self._frame_file(frame.index),
+                annotate_frame(img, res.cells, self.classes),
+            )
         return shown
+
+    def _frame_file(self, index: int) -> str:
+        """The annotated frame: PNG for every frame with ``--annotate``, else a JPEG for
+        the frames that hold gallery cells (what a gallery image links to)."""
+        return f"frames/{index:06d}.{'png' if self.annotate else 'jpg'}"
+
+    def _gallery_item(self, frame: int, cell: int, label: str, conf: Any) -> dict[str, Any]:
+        item = {
+            "frame": frame,
+            "cell": cell,
+            "label": label,
+            "confidence": conf,
+            "src": f"gallery/{frame:06d}_{cell:03d}.png",
+            "frame_src": self._frame_file(frame),
+        }
+        if self.out is not None and not (self.out / item["frame_src"]).exists():
+            # resumed with a different --annotate: link whichever annotated frame exists
+            for ext in ("png", "jpg"):
+                if (self.out / f"frames/{frame:06d}.{ext}").exists():
+                    item["frame_src"] = f"frames/{frame:06d}.{ext}"
+        return item
 
     def _count(
         self, frame: Frame, res: FrameResult, shown: list[tuple[str, dict[str, Any]]]
@@ -349,13 +364,13 @@ class Session:
         self.frames += 1
         self.next_index = frame.index + 1
         self.red_cells += res.red_cells
+        self.quality.count(res.status, res.reason)
+        abnormal = self.pipe.abnormal_names()
+        self.timeline.add(
+            frame.index, len(res.cells), sum(c["label"] in abnormal for c in res.cells)
+        )
         if res.status != "ok":
-            if res.reason == "unreadable":
-                self.quality.unreadable += 1
-            else:
-                self.quality.failed[res.reason] += 1
             return
-        self.quality.passed += 1
         for c in res.cells:
             self.tally.add(c["label"])
             self.nucleated_found += c["kind"] == NUCLEATED
@@ -388,6 +403,8 @@ class Session:
         d["quality"] = self.quality.to_dict()
         d["red_cells"] = self.red_cells
         d["latency_ms"] = self.pipe.latency.to_dict()
+        d["abnormal_classes"] = sorted(self.pipe.abnormal_names())
+        d["timeline"] = self.timeline.to_dict()
         d["complete"] = final and self.error is None
         d["error"] = self.error
         d["events"] = list(self.events)
@@ -399,7 +416,8 @@ class Session:
         if self.out is not None:
             write_json_atomic(self.out / "summary.json", d)
             if final:
-                write_text_atomic(self.out / "report.html", render_html(d, self.gallery))
+                html = render_html(d, self.gallery, latency_bins=self.pipe.latency.frame.coarse())
+                write_text_atomic(self.out / "report.html", html)
         return d
 
     def close(self) -> None:

@@ -14,9 +14,10 @@ Fixed point, bit-exact
     The per-pixel path is integer arithmetic only (:mod:`.stain_kernels`), with
     committed lookup tables (:mod:`.reinhard_tables`). Per-image statistics are int64
     sums and the transfer coefficients are computed from them with exact Python
-    integers (``math.isqrt``), so the output does not depend on the platform: the golden vectors in the tests
-    pin it for numba and numpy on x86_64, and ``benchmarks/arm64_golden.sh`` shows the
-    same bits on emulated aarch64 (see benchmarks/RESULTS.md).
+    integers (``math.isqrt``), so the output does not depend on the platform: the golden
+    vectors in the tests pin it for numba and numpy on x86_64, and
+    ``benchmarks/arm64_golden.sh`` shows the same bits on emulated aarch64 (see
+    benchmarks/RESULTS.md).
 
 Stained pixels only (the mask)
     Smear frames are mostly glass. Statistics come from stained pixels, defined on L*
@@ -44,7 +45,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,7 +54,8 @@ import numpy as np
 
 from edgecells.edge import stain_kernels as K
 from edgecells.edge.errors import EdgecellsError
-from edgecells.edge.imageio import as_rgb8, default_file_mode
+from edgecells.edge.fileio import atomic_write
+from edgecells.edge.imageio import as_rgb8
 from edgecells.edge.reinhard_tables import load_tables
 
 TARGET_FORMAT = "edgecells.stain-target"
@@ -341,23 +342,15 @@ class StainTarget:
         return cls(mean, std, n_images, n_pixels, mask, sources)  # type: ignore[arg-type]
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write as JSON atomically (a temporary file in the same folder, then rename);
+        """Write as JSON atomically (temporary file in the same folder, fsync, rename);
         EdgecellsError (nothing left behind) when it cannot."""
         p = Path(path)
         if p.is_dir():
             raise EdgecellsError(f"{p}: is a folder; give the target file name (target.json)")
         text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
-        tmp = None
         try:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.chmod(tmp, default_file_mode())
-            os.replace(tmp, p)
+            atomic_write(p, text.encode("utf-8"))
         except OSError as exc:
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
             raise EdgecellsError(f"{p}: cannot write ({exc.strerror or exc})") from None
 
     @classmethod

@@ -2,8 +2,12 @@
 
 Two implementations of exactly the same integer arithmetic:
 
-- a compiled per-pixel loop (numba, ``nopython``, cached on disk), the one used by
-  default: one pass for statistics, one fused pass for the transform;
+- a compiled per-pixel loop (numba, ``nopython``), the one used by default: one pass
+  for statistics, one fused pass for the transform. The compiled code is cached in the
+  user's cache folder (``$NUMBA_CACHE_DIR`` if set, else ``numba/`` under
+  :func:`~edgecells.edge.fileio.user_cache_dir`), never beside this file: the package
+  must not write into its install folder. Where no cache folder is writable it compiles
+  on first use in each process (about a second) and writes nothing;
 - a pure-numpy vectorized version, slower, kept as the readable reference for the
   integer path and as the fallback when numba is not importable.
 
@@ -29,13 +33,39 @@ with an 8-bit weight.
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import numpy as np
 
+from edgecells.edge.fileio import user_cache_dir, writable_dir
 from edgecells.edge.reinhard_tables import F_MAX, F_MIN, RGB_TO_XYZN_Q20, XYZN_TO_RGB_Q20
 
 N_BINS = 512  # L* histogram bins of 0.25 L* units (Q10 >> 8); L* <= 100 fits in 401
 BIN_SHIFT = 8
 HIST_COLS = 8  # count, sum L, sum a, sum b, sum L^2, sum a^2, sum b^2, clipped count
+
+
+def _numba_cache_dir() -> str | None:
+    """Point numba's on-disk cache at a writable user folder, before numba is imported.
+
+    ``$NUMBA_CACHE_DIR`` set by the user is kept. Without it numba would write
+    ``*.nbi``/``*.nbc`` into ``edge/__pycache__`` of the install, which ``pip uninstall``
+    leaves behind (a stale ``site-packages/edgecells/`` then shadows an editable install).
+    Returns the folder, or None when none is writable (compile without caching)."""
+    d = os.environ.get("NUMBA_CACHE_DIR") or str(user_cache_dir("numba"))
+    if not writable_dir(Path(d)):
+        return None
+    os.environ["NUMBA_CACHE_DIR"] = d
+    cfg = sys.modules.get("numba.core.config")
+    if cfg is not None:  # numba already imported by someone else: its config read the env
+        cfg.CACHE_DIR = d
+    return d
+
+
+NUMBA_CACHE_DIR = _numba_cache_dir()
+_CACHE = NUMBA_CACHE_DIR is not None
 
 try:  # numba is a core dependency, but the normalizer must still work without it
     import numba
@@ -131,7 +161,7 @@ def lab_q10_np(img: np.ndarray, tables: dict[str, np.ndarray]) -> np.ndarray:
 
 if HAVE_NUMBA:
 
-    @numba.njit(cache=True, nogil=True, inline="always")
+    @numba.njit(cache=_CACHE, nogil=True, inline="always")
     def _lab_nb(r, g, b, lin, cbrt, m):  # pragma: no cover - compiled
         """One pixel's Q10 L*, a*, b* (the forward path of the module docstring)."""
         lr = np.int64(lin[r])
@@ -148,7 +178,7 @@ if HAVE_NUMBA:
         bv = (200 * (fy - fz) + 32) >> 6
         return lv, av, bv
 
-    @numba.njit(cache=True, nogil=True)
+    @numba.njit(cache=_CACHE, nogil=True)
     def _stats_hist_nb(img, stride, lin, cbrt, m, hist):  # pragma: no cover - compiled
         h, w = img.shape[0], img.shape[1]
         for y in range(0, h, stride):
@@ -168,7 +198,7 @@ if HAVE_NUMBA:
                 if r == 255 or g == 255 or b == 255:
                     hist[k, 7] += 1
 
-    @numba.njit(cache=True, nogil=True)
+    @numba.njit(cache=_CACHE, nogil=True)
     def _transform_nb(img, out, params, lin, cbrt, finv, enc, m, mi):  # pragma: no cover
         h, w = img.shape[0], img.shape[1]
         mu_s0, mu_s1, mu_s2 = params[0], params[1], params[2]

@@ -85,7 +85,7 @@ def test_corrupt_image_reported_and_skipped(tmp_path):
     loaded = load_split(ds, "train", 32, None, cache_dir=tmp_path / "cache")
     assert len(loaded.x) == 48 and len(loaded.paths) == 48
     assert [Path(p).name for p, _ in loaded.skipped] == ["broken.jpg"]
-    assert "corrupt" in loaded.skipped[0][1]
+    assert "not a readable image" in loaded.skipped[0][1]
     target, skipped = fit_stain_target(ds, "train", cache_dir=tmp_path / "cache")
     assert [Path(p).name for p, _ in skipped] == ["broken.jpg"]
     assert target.n_images == 48

@@ -18,11 +18,12 @@ import pytest
 
 from edgecells.convert.selftest import make_selftest
 from edgecells.edge import doctor as doc
+from edgecells.edge.resources import SAMPLES_DIR
 from edgecells.edge.sdnotify import ServiceHooks, StopRequested, notify, watchdog_interval_s
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "fixtures" / "bundle_tiny"
-SAMPLES = ROOT / "edge" / "data" / "samples"
+SAMPLES = SAMPLES_DIR
 PBC = ROOT / "tests" / "fixtures" / "pbc"
 
 

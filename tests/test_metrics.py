@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from edgecells.edge import metrics as M
 from edgecells.edge.metrics import (
     abnormal_score,
     accuracy,
@@ -115,3 +116,39 @@ def test_evaluate_probabilities_keys_and_values():
     assert d["abnormal_classes"] == ["ab"]
     with pytest.raises(ValueError):
         evaluate_probabilities(y, probs[:, :2], classes, [1], 0.5)
+
+
+# --------------------------------------------------------------------------- scikit-learn
+# The device's metrics are hand-written numpy (no scikit-learn on the device); the host
+# toolchain installs scikit-learn, so check them against it on random data with ties.
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_agree_with_scikit_learn(seed: int) -> None:
+    skm = pytest.importorskip("sklearn.metrics", reason="scikit-learn is not installed")
+    rng = np.random.default_rng(seed)
+    k, n = 6, 500
+    y = rng.integers(0, k, n)
+    pred = np.where(rng.random(n) < 0.7, y, rng.integers(0, k, n))
+    pred[pred == 5] = 4  # one class is never predicted: precision undefined there
+    cm = M.confusion_matrix(y, pred, k)
+    assert (cm == skm.confusion_matrix(y, pred, labels=range(k))).all()
+    assert M.accuracy(y, pred) == pytest.approx(skm.accuracy_score(y, pred))
+    assert M.balanced_accuracy(cm) == pytest.approx(skm.balanced_accuracy_score(y, pred))
+    rep = M.per_class_report(cm, [str(i) for i in range(k)])
+    p, r, f, s = skm.precision_recall_fscore_support(y, pred, labels=range(k), zero_division=0.0)
+    for i in range(k):
+        got = rep[str(i)]
+        assert (got["precision"], got["recall"], got["f1"]) == pytest.approx((p[i], r[i], f[i]))
+        assert got["support"] == s[i]
+    # scores rounded to 2 decimals: many ties, the case hand-written ROC code gets wrong
+    y_bin = rng.random(n) < 0.3
+    score = np.round(np.clip(rng.normal(0.4 + 0.3 * y_bin, 0.25), 0, 1), 2)
+    assert M.roc_auc(y_bin, score) == pytest.approx(skm.roc_auc_score(y_bin, score))
+    fpr, tpr, thr = M.roc_curve(y_bin, score)
+    sfpr, stpr, sthr = skm.roc_curve(y_bin, score, drop_intermediate=False)
+    assert np.allclose(fpr, sfpr) and np.allclose(tpr, stpr) and np.allclose(thr[1:], sthr[1:])
+    for t in (0.2, 0.5, 0.8):
+        sens, spec = M.sensitivity_specificity(y_bin, score, t)
+        tn, fp, fn, tp = skm.confusion_matrix(y_bin, score >= t).ravel()
+        assert (sens, spec) == pytest.approx((tp / (tp + fn), tn / (tn + fp)))

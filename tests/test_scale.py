@@ -99,3 +99,30 @@ def test_scale_command_and_doctor_warning(tmp_path: Path) -> None:
     assert check.status == "OK"
     r = CliRunner().invoke(app, ["scale", "--source", str(tmp_path / "nope")])
     assert r.exit_code != 0
+
+
+def test_cells_csv_rows_carry_the_cells_box_and_the_crop_square(tmp_path: Path) -> None:
+    """The pipeline's rows: x, y, w, h = the detected cell's own box; crop_* = the square
+    the classifier saw, centred on the cell; the report shows the cell's own box."""
+    from edgecells.edge.backends import open_classifier
+    from edgecells.edge.bundle import default_bundle_path, load_bundle
+    from edgecells.edge.config import Config
+    from edgecells.edge.pipeline import Pipeline
+    from edgecells.edge.report import CELL_FIELDS, cell_box
+    from edgecells.edge.sources.base import Frame
+
+    if not (default_bundle_path() / "manifest.json").is_file():
+        pytest.skip("the reference bundle is not shipped in this checkout")
+    assert {"crop_x", "crop_y", "crop_side"} <= set(CELL_FIELDS)
+    b = load_bundle(None)
+    pipe = Pipeline(Config(), b, open_classifier(b, "onnxruntime", 1))
+    img = read_image(FIX / "BloodImage_00007.jpg")
+    res, _ = pipe.process(Frame(0, 0.0, img, "f"))
+    (cell,) = [c for c in res.cells if c["kind"] == "nucleated"]
+    assert cell["crop_side"] > max(cell["w"], cell["h"])  # the crop square is larger
+    cx, cy = cell["x"] + cell["w"] / 2, cell["y"] + cell["h"] / 2
+    assert abs(cell["crop_x"] + cell["crop_side"] / 2 - cx) < cell["w"] / 2
+    assert abs(cell["crop_y"] + cell["crop_side"] / 2 - cy) < cell["h"] / 2
+    x0, y0, x1, y1 = cell_box(cell, img.shape)
+    assert x0 <= cell["x"] and x1 >= cell["x"] + cell["w"]
+    assert x1 - x0 < cell["crop_side"]  # the report shows the cell, not the crop square

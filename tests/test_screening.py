@@ -191,3 +191,21 @@ def test_detector_and_classifier_must_agree_on_the_kind() -> None:
         "ig",
         UNIDENTIFIED,
     ]
+
+
+def test_config_overrides_are_none_unless_set() -> None:
+    """No sentinel values: a [screening] key left out is None (the bundle's value)."""
+    from edgecells.edge.config import config_from_dict, dump_config
+
+    th = {"min_confidence": 0.6, "screening": {"min_cells": 150, "abnormal_fraction": 0.03}}
+    cfg = config_from_dict({})
+    assert cfg.screening == ScreeningConfig()
+    assert all(v is None for v in vars(cfg.screening).values())
+    assert "# threshold = (the bundle's value)" in dump_config(cfg)
+    assert ScreeningRule.from_bundle(th, cfg.screening).min_cells == 150
+    cfg = config_from_dict({"screening": {"min_cells": 40, "threshold": 0}})
+    r = ScreeningRule.from_bundle(th, cfg.screening)
+    assert (r.min_cells, r.threshold, r.min_confidence) == (40, 0.0, 0.6)  # 0 is a value
+    for bad in ({"threshold": -1.0}, {"min_cells": 0}, {"confidence": 0.3}):
+        with pytest.raises(EdgecellsError, match="screening"):
+            config_from_dict({"screening": bad})

@@ -18,6 +18,8 @@ from edgecells.edge.backends import open_classifier
 from edgecells.edge.bundle import load_bundle
 from edgecells.edge.config import Config
 from edgecells.edge.errors import EdgecellsError
+from edgecells.edge.imageio import read_image
+from edgecells.edge.latency import STAGES
 from edgecells.edge.report import read_csv
 from edgecells.edge.session import Session
 from edgecells.edge.sources import open_source
@@ -84,8 +86,21 @@ def test_session_writes_all_files(bundle_dir: Path, tmp_path: Path) -> None:
     html = (out / "report.html").read_text()
     assert "INSUFFICIENT" in html and "Differential count" in html
     assert len(list((out / "frames").glob("*.png"))) == 6
-    for stage in ("capture", "stain", "detect", "crop", "inference", "aggregate"):
-        assert s["latency_ms"][stage]["n"] == 6
+    warm = s["latency_ms"]["warmup"]
+    assert warm["frames"] >= 1 and set(warm["stages_ms"]) == set(STAGES)
+    for stage in STAGES:  # each stage's first run is warm-up, not in the percentiles
+        assert s["latency_ms"][stage]["n"] == 5
+    assert s["latency_ms"]["frame"]["n"] == 6 - warm["frames"]
+    assert "warm-up" in html and "differential-chart" in html and "timeline-chart" in html
+    # per-class galleries: native-resolution cuts of the frame, each linked to its frame
+    gal = sorted((out / "gallery").glob("*.png"))
+    assert gal and s["timeline"]["cells"] and sum(s["timeline"]["cells"]) == len(cells)
+    for p in gal[:3]:
+        f, c = (int(x) for x in p.stem.split("_"))
+        row = next(r for r in cells if int(r["frame"]) == f and int(r["cell"]) == c)
+        assert f"href='frames/{f:06d}.png'" in html
+        img = read_image(p)
+        assert img.shape[0] <= int(row["h"]) and img.shape[1] <= int(row["w"])
 
 
 def test_existing_output_needs_resume(bundle_dir: Path, tmp_path: Path) -> None:

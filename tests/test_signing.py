@@ -129,6 +129,19 @@ def test_without_trusted_keys_unsigned_loads_with_one_warning(unsigned: Path) ->
     assert len(warnings) == 1 and "not signed" in warnings[0]
 
 
+def test_shipped_reference_bundle_needs_no_warning_but_keys_still_rule(
+    keys: dict[str, Path], tmp_path: Path
+) -> None:
+    """The package's own bundle is as authentic as the installed package: no warning on a
+    device without keys; on a device with trusted keys it is refused like any unsigned one."""
+    r = cli("bundle", "verify", "--config", _config_without_keys(tmp_path))
+    assert r.exit_code == 0, r.output
+    assert not [ln for ln in r.stderr.splitlines() if ln.startswith("warning:")]
+    cfg = tmp_path / "keys.toml"
+    cfg.write_text(f'[bundle]\ntrusted_keys = "{keys["pub"]}"\n')
+    one_line_error(cli("bundle", "verify", "--config", cfg), "unsigned bundle refused")
+
+
 def _config_without_keys(d: Path) -> Path:
     p = d / "nokeys.toml"
     p.write_text('[bundle]\ntrusted_keys = ""\n')

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from edgecells.edge.errors import EdgecellsError
+from edgecells.edge.resources import SAMPLES_DIR
 from edgecells.edge.sources import CameraLost, ReopeningSource, open_source, parse_uri
 from edgecells.edge.sources.base import SourceBase
 from edgecells.edge.sources.files import FileSource
-from edgecells.edge.sources.uri import SAMPLES_DIR
 from edgecells.edge.sources.video import VideoSource
 
 BCCD = Path(__file__).parent / "fixtures" / "bccd" / "JPEGImages"
@@ -104,8 +104,6 @@ def test_video_source(tmp_path: Path) -> None:
 class FlakyCamera(SourceBase):
     """Delivers frames, vanishes after ``fail_at`` for ``down`` reopen attempts, returns."""
 
-    is_camera = True
-
     def __init__(self, fail_at: int, down: int) -> None:
         super().__init__()
         self.uri = "fake:0"
@@ -163,3 +161,20 @@ def test_picamera_missing_is_a_clear_error() -> None:
             open_source("picam:0").open()
     else:  # pragma: no cover - on a Pi
         pytest.skip("picamera2 installed")
+
+
+def test_frames_are_validated_once_where_they_enter() -> None:
+    """A source converts what the camera gives (BGR, gray, 16-bit) to RGB uint8 once; an
+    unusable image is a frame with ``error``; a valid RGB array passes through uncopied."""
+    from edgecells.edge.imageio import as_rgb8
+    from edgecells.edge.sources.base import SourceBase
+
+    src = SourceBase()
+    bgr = np.zeros((4, 5, 3), np.uint8)
+    bgr[..., 0] = 255  # blue in OpenCV order
+    f = src._frame(bgr, "cam", bgr=True)
+    assert f.image.flags.c_contiguous and f.image[0, 0].tolist() == [0, 0, 255]
+    assert src._frame(np.full((4, 5), 65535, np.uint16)).image.max() == 255
+    bad = src._frame(np.zeros((4, 5, 7), np.uint8), "cam")
+    assert bad.image is None and "channels" in bad.error and bad.index == 2
+    assert as_rgb8(f.image) is f.image  # already converted: no copy, no second pass

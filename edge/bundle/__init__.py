@@ -151,7 +151,9 @@ __all__ = [
 
 def default_bundle_path() -> Path:
     """The reference bundle shipped inside the package."""
-    return Path(__file__).resolve().parents[1] / "data" / "bundles" / "reference"
+    from edgecells.edge.resources import REFERENCE_BUNDLE_DIR
+
+    return REFERENCE_BUNDLE_DIR
 
 
 def load_bundle(

@@ -244,14 +244,17 @@ def sign_bundle(root: str | os.PathLike[str], key_path: str | os.PathLike[str]) 
 class SignatureCheck:
     """The outcome of a signature check that did not refuse the bundle."""
 
-    status: str  # "verified" (trusted key), "unsigned", "untrusted-ok" (no keys here)
+    # "verified" (trusted key), "unsigned", "untrusted-ok" (no keys here), "shipped" (the
+    # package's own reference bundle, unsigned, on a device without trusted keys: it is as
+    # authentic as the installed package itself, so no warning)
+    status: str
     key_id: str = ""
     key_file: str = ""
     message: str = ""
 
     @property
     def warning(self) -> str | None:
-        return None if self.status == "verified" else self.message
+        return None if self.status in ("verified", "shipped") else self.message
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -317,6 +320,12 @@ def check_signature(
             raise EdgecellsError(
                 f"{r}: unsigned bundle refused (this device trusts {len(trusted)} signing "
                 f"key(s); sign it with edgecells bundle sign)"
+            )
+        from edgecells.edge.resources import REFERENCE_BUNDLE_DIR
+
+        if r.resolve() == REFERENCE_BUNDLE_DIR.resolve():
+            return SignatureCheck(
+                "shipped", message=f"{r}: the package's own reference bundle (not signed)"
             )
         return SignatureCheck(
             "unsigned",

@@ -6,7 +6,7 @@
 ...         frame.index, frame.timestamp, frame.image
 """
 
-from edgecells.edge.sources.base import CameraLost, Frame, FrameSource, ReopeningSource
+from edgecells.edge.sources.base import CameraLost, Frame, ReopeningSource
 from edgecells.edge.sources.uri import open_source, parse_uri
 
-__all__ = ["CameraLost", "Frame", "FrameSource", "ReopeningSource", "open_source", "parse_uri"]
+__all__ = ["CameraLost", "Frame", "ReopeningSource", "open_source", "parse_uri"]

@@ -2,9 +2,13 @@
 
 A source yields :class:`Frame` objects. ``read()`` returns ``None`` at the end (files,
 video); a frame that could not be decoded comes back with ``image=None`` and ``error``
-set, so the session counts it as a skip and goes on. A camera that stops delivering
-raises :class:`CameraLost` from ``read``; :class:`ReopeningSource` wraps a camera and
-reopens it with exponential back-off, logging each attempt, so the session continues.
+set, so the session counts it as a skip and goes on. This is where frames enter: every
+image is validated and converted here, once (:meth:`SourceBase._frame` through
+:func:`~edgecells.edge.imageio.as_rgb8`); the pipeline trusts ``Frame.image``.
+
+A camera that stops delivering raises :class:`CameraLost` from ``read``;
+:class:`ReopeningSource` wraps a camera and reopens it with exponential back-off,
+logging each attempt, so the session continues.
 """
 
 from __future__ import annotations
@@ -13,18 +17,19 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from edgecells.edge.errors import EdgecellsError
+from edgecells.edge.imageio import as_rgb8
 
 log = logging.getLogger("edgecells.sources")
 
 
 @dataclass
 class Frame:
-    """One frame: ``index`` counts from 0 per session, ``timestamp`` is ``time.time()``."""
+    """One frame: ``index`` counts from 0 per session, ``timestamp`` is ``time.time()``;
+    ``image`` is RGB uint8 HxWx3, C-contiguous (or None with ``error`` set)."""
 
     index: int
     timestamp: float
@@ -37,29 +42,28 @@ class CameraLost(EdgecellsError):
     """The camera stopped delivering frames (unplugged, driver reset)."""
 
 
-@runtime_checkable
-class FrameSource(Protocol):
-    """What every frame source provides."""
-
-    uri: str
-
-    def open(self) -> None: ...
-
-    def read(self) -> Frame | None: ...
-
-    def close(self) -> None: ...
-
-
 class SourceBase:
     """Shared plumbing: frame numbering, context manager and iteration."""
 
     uri: str = ""
-    is_camera: bool = False
 
     def __init__(self) -> None:
         self._next_index = 0
 
-    def _frame(self, image: np.ndarray | None, name: str = "", error: str | None = None) -> Frame:
+    def _frame(
+        self,
+        image: np.ndarray | None,
+        name: str = "",
+        error: str | None = None,
+        bgr: bool = False,
+    ) -> Frame:
+        """The next frame; ``image`` is validated and converted to RGB uint8 here (``bgr``:
+        it is in OpenCV channel order). An unusable image gives a frame with ``error``."""
+        if image is not None:
+            try:
+                image = as_rgb8(image, name or self.uri, bgr=bgr and image.ndim == 3)
+            except EdgecellsError as exc:
+                image, error = None, str(exc)
         f = Frame(self._next_index, time.time(), image, name or self.uri, error)
         self._next_index += 1
         return f
@@ -99,8 +103,6 @@ class ReopeningSource(SourceBase):
     ``max_backoff_s``; after that the loss is final and :class:`CameraLost` propagates.
     ``events`` records what happened (for the session's report).
     """
-
-    is_camera = True
 
     def __init__(
         self,

@@ -12,14 +12,12 @@ import cv2
 
 from edgecells.edge.config import CameraConfig
 from edgecells.edge.errors import EdgecellsError
-from edgecells.edge.imageio import as_rgb8
 from edgecells.edge.sources.base import CameraLost, Frame, SourceBase
 
 
 class OpenCVCamera(SourceBase):
     """``cv:N``: OpenCV VideoCapture on device index N."""
 
-    is_camera = True
     api = cv2.CAP_ANY
 
     def __init__(
@@ -63,10 +61,7 @@ class OpenCVCamera(SourceBase):
         ok, bgr = self._cap.read()
         if not ok or bgr is None:
             raise CameraLost(f"{self.uri}: no frame from the camera")
-        try:
-            return self._frame(as_rgb8(bgr, self.uri, bgr=bgr.ndim == 3))
-        except EdgecellsError as exc:
-            return self._frame(None, error=str(exc))
+        return self._frame(bgr, bgr=True)
 
     def close(self) -> None:
         if self._cap is not None:

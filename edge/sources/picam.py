@@ -19,8 +19,6 @@ from edgecells.edge.sources.base import CameraLost, Frame, SourceBase
 class PiCamera(SourceBase):
     """``picam:N``: camera number N of picamera2."""
 
-    is_camera = True
-
     def __init__(self, num: int = 0, camera: CameraConfig | None = None) -> None:
         super().__init__()
         self.num = num
@@ -75,7 +73,7 @@ class PiCamera(SourceBase):
             arr = self._cam.capture_array("main")
         except Exception as exc:  # noqa: BLE001 - libcamera raises various errors
             raise CameraLost(f"{self.uri}: {exc}") from None
-        return self._frame(arr[:, :, 2::-1].copy())  # BGR(X) -> RGB
+        return self._frame(arr[:, :, :3], bgr=True)  # BGR(X) -> RGB
 
     def close(self) -> None:
         if self._cam is not None:

@@ -7,10 +7,9 @@ from pathlib import Path
 
 from edgecells.edge.config import CameraConfig
 from edgecells.edge.errors import EdgecellsError
+from edgecells.edge.resources import SAMPLES_DIR
 from edgecells.edge.sources.base import ReopeningSource, SourceBase
 from edgecells.edge.sources.video import VIDEO_SUFFIXES
-
-SAMPLES_DIR = Path(__file__).resolve().parents[1] / "data" / "samples"
 
 
 def parse_uri(uri: str) -> tuple[str, str]:

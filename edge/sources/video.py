@@ -7,7 +7,6 @@ from pathlib import Path
 import cv2
 
 from edgecells.edge.errors import EdgecellsError
-from edgecells.edge.imageio import as_rgb8
 from edgecells.edge.sources.base import Frame, SourceBase
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm", ".mjpeg", ".mjpg")
@@ -46,10 +45,7 @@ class VideoSource(SourceBase):
         ok, bgr = self._cap.read()
         if not ok or bgr is None:
             return None
-        try:
-            return self._frame(as_rgb8(bgr, self.uri, bgr=bgr.ndim == 3))
-        except EdgecellsError as exc:
-            return self._frame(None, error=str(exc))
+        return self._frame(bgr, bgr=True)
 
     def close(self) -> None:
         if self._cap is not None:

@@ -8,28 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from edgecells.commands._ui import err, out
+from edgecells.commands._ui import progress as _progress
 from edgecells.edge import jsonsafe
 from edgecells.edge.errors import EdgecellsError
 
-err = Console(stderr=True)
-out = Console()
 bundle_app = typer.Typer(help="Inspect and verify model bundles.", no_args_is_help=True)
-
-
-def _progress(disable: bool = False) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        disable=disable,
-        transient=True,
-    )
 
 
 def _fmt_pct(v: Any) -> str:

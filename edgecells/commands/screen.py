@@ -8,27 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from edgecells.commands._ui import out, progress
 from edgecells.edge import jsonsafe
 from edgecells.edge.errors import EdgecellsError
-
-err = Console(stderr=True)
-out = Console()
-
-
-def _progress(total: int | None, disable: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        disable=disable,
-        transient=True,
-    )
 
 
 def _setup(
@@ -149,7 +133,7 @@ def screen(
         hooks.frame_done(sess.frames)
 
     try:
-        with _progress(total, as_json) as bar:
+        with progress(as_json) as bar:
             task = bar.add_task("screening", total=total)
             if sess.next_index:
                 bar.update(task, completed=sess.next_index)
@@ -175,8 +159,12 @@ def _public(s: dict[str, Any]) -> dict[str, Any]:
 
 
 def _print_summary(s: dict[str, Any], out_path: Path) -> None:
-    colour = {"POSITIVE": "red", "NEGATIVE": "green"}.get(s["flag"], "yellow")
-    out.print(f"[bold {colour}]{s['flag']}[/]  {s['reason']}")
+    from edgecells.edge.report import flag_reason, warmup_line
+
+    colour = {"POSITIVE": "red", "REVIEW": "dark_orange", "NEGATIVE": "green"}.get(
+        s["flag"], "grey50"
+    )
+    out.print(f"[bold {colour}]{s['flag']}[/]  {flag_reason(s)}")
     t = Table(title="Differential count")
     t.add_column("class")
     t.add_column("cells", justify="right")
@@ -198,8 +186,14 @@ def _print_summary(s: dict[str, Any], out_path: Path) -> None:
     lat = s["latency_ms"]
     out.print(
         "latency p50 ms: "
-        + ", ".join(f"{k} {lat[k]['p50_ms']:.2f}" for k in lat if k not in ("inference_per_cell",))
+        + ", ".join(
+            f"{k} {v['p50_ms']:.2f}"
+            for k, v in lat.items()
+            if k != "inference_per_cell" and isinstance(v, dict) and "p50_ms" in v
+        )
     )
+    if warmup_line(lat):
+        out.print(warmup_line(lat))
     for e in s.get("events", []):
         out.print(f"[yellow]{e}[/]")
     out.print(f"report: {out_path / 'report.html'}")
@@ -220,6 +214,7 @@ def profile(
 ) -> None:
     """Per-stage latency (p50/p95/p99), frames/s, cells/s and peak memory."""
     from edgecells.edge.profiling import profile_run
+    from edgecells.edge.report import warmup_line
     from edgecells.edge.scale import resolve_pixel_size
 
     if frames < 1:
@@ -237,7 +232,7 @@ def profile(
                 clf.close()
                 raise
             try:
-                with _progress(frames, as_json) as bar:
+                with progress(as_json) as bar:
                     task = bar.add_task(f"{clf.backend} x{th}", total=frames)
                     r = profile_run(cfg, b, clf, frames, lambda t=task: bar.advance(t))
             finally:
@@ -258,6 +253,8 @@ def profile(
             f"{r['fps']:.1f} frames/s, {r['cells_per_s']:.1f} cells/s, inference "
             f"{r['inference_ms_per_cell']:.3f} ms/cell, peak memory {r['peak_rss_mb']:.0f} MiB"
         )
+        if warmup_line({"warmup": r.get("warmup")}):
+            out.print(warmup_line({"warmup": r.get("warmup")}))
 
 
 def _profile_zoo(
@@ -360,7 +357,7 @@ def evaluate_detector(
     if not files:
         raise EdgecellsError(f"{frames_dir}: no frames with annotations in {annotations}")
     wbc, plt = DetectionScore(), DetectionScore()
-    with _progress(len(files), as_json) as bar:
+    with progress(as_json) as bar:
         task = bar.add_task("detecting", total=len(files))
         for f in files:
             boxes = read_voc(annotations / f"{f.stem}.xml")
@@ -416,7 +413,7 @@ def evaluate_screening(
         raise EdgecellsError(f"--fractions: not a list of numbers: {fractions!r}") from None
     cfg, b, clf = _setup(config, None, bundle, backend, threads)
     try:
-        with _progress(None, as_json) as bar:
+        with progress(as_json) as bar:
             task = bar.add_task("classifying test split", total=None)
             labels, truth = classify_split(
                 b, clf, data, lambda n, t: bar.update(task, total=t, completed=n)

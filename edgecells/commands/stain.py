@@ -6,10 +6,9 @@ import errno
 from pathlib import Path
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from edgecells.commands._ui import err, out, progress
 from edgecells.edge import jsonsafe
 from edgecells.edge.errors import EdgecellsError
 from edgecells.edge.imageio import list_images, read_image, write_image
@@ -17,21 +16,6 @@ from edgecells.edge.imageio import list_images, read_image, write_image
 stain_app = typer.Typer(
     help="Fit a stain target and normalize images with it.", no_args_is_help=True
 )
-err = Console(stderr=True)
-out = Console()
-
-
-def progress(disable: bool = False) -> Progress:
-    """A progress bar on stderr (stdout stays clean for --json)."""
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        disable=disable,
-        transient=True,
-    )
 
 
 def _collect(inputs: list[Path]) -> list[Path]:
@@ -53,7 +37,7 @@ def fit(
 
     files = _collect(inputs)
     images, names, failed = [], [], []
-    with progress(disable=len(files) < 2) as bar:
+    with progress(len(files) < 2, remaining=True) as bar:
         task = bar.add_task("reading", total=len(files))
         for f in files:
             try:
@@ -150,7 +134,7 @@ def apply(
     plan = _plan(input_path, out_path, files)
     summary: dict[str, object] = {"target": str(target_path), "out": str(out_path)}
     done, unchanged, failed = 0, [], []
-    with progress(disable=single) as bar:
+    with progress(single, remaining=True) as bar:
         task = bar.add_task("normalizing", total=len(files))
         for f, dest in plan:
             try:

@@ -7,34 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
+from edgecells.commands._ui import err, out, progress
 from edgecells.edge import jsonsafe
-
-err = Console(stderr=True)
-out = Console()
-
-
-def _progress(disable: bool = False) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        disable=disable,
-        transient=False,
-    )
 
 
 def _quiet_tf() -> None:
@@ -94,7 +70,7 @@ def train_cmd(
         max_steps=max_steps,
     )
     cmap = load_mapping(mapping)
-    with _progress() as bar:
+    with progress(remaining=True, keep=True) as bar:
 
         class _P(TrainProgress):
             def stage(self, name: str, total: int | None) -> Any:
@@ -162,7 +138,7 @@ def evaluate_classifier_cmd(
     _quiet_tf()
     from edgecells.training.evaluate import evaluate_classifier, plot_evaluation
 
-    with _progress(disable=as_json) as bar:
+    with progress(as_json, remaining=True, keep=True) as bar:
         task = bar.add_task(f"preprocess {split}", total=None)
         ev = evaluate_classifier(
             model,
