@@ -11,17 +11,24 @@ Method (all sizes in micrometres, turned into pixels with the device's pixel siz
    used: it is what differs most between cameras and stain batches). It is computed on
    the frame shrunk (area interpolation) to about ``work_pixel_um`` micrometres per pixel.
 2. **Threshold relative to the red cells.** Per frame: ``stain_level_factor`` x the
-   median of ``s`` over cell-covered pixels (mostly red cells) + ``stain_level_offset``,
-   at least ``stain_od_min`` (a stain batch that colours red cells violet raises it), or a
-   fixed ``stain_od``.
+   median of ``s`` over cell-covered pixels (mostly red cells; none when cells cover
+   less than ``stain_level_min_cover`` of the frame) + ``stain_level_offset``, at least
+   ``stain_od_min`` (a stain batch that colours red cells violet raises it), or a fixed
+   ``stain_od``.
 3. **Morphology.** An opening ``open_um`` wide removes noise, a small dilation joins the
    nuclear lobes of one cell before connected components are labelled.
 4. **Nucleated cells.** Components with at least ``nucleus_min_um2`` of stained area are
    nuclei. Lobes of one segmented nucleus (neutrophils, eosinophils) that the dilation
    did not join are merged when their centroids lie closer than ``lobe_merge_um``; small
    stained bits (granules, lobes) within ``absorb_um`` of a nucleus become part of it.
-5. **Platelets.** Remaining components with a stained area in ``[platelet_min_um2,
-   platelet_max_um2]``.
+   A cell's box is the extent of its stained pixels (nucleus and granules; the cytoplasm
+   is not segmented). Touching cells can be split (``split_um``, off by default).
+5. **Platelets.** Their own, lower threshold (``platelet_*`` keys, same red-cell rule);
+   components after an opening of ``platelet_open_um`` (drops thin red-cell rims) with a
+   stained area in ``[platelet_min_um2, platelet_max_um2]``, filling at least
+   ``platelet_min_fill`` of their box, on the glass (``platelet_min_glass`` of a
+   ``platelet_context_um`` square) and not within ``platelet_clear_um`` of a nucleated
+   cell.
 6. **Red cells** (counted for the quality gates, not classified): darker-than-glass pixels
    on the green channel, holes filled (pale centres), nuclei removed; touching red cells
    are split by counting the peaks of the distance transform that are at least
