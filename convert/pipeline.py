@@ -262,9 +262,17 @@ def convert_model(
     threads: int | None = None,
     continue_on_error: bool = False,
     analyse_layers: bool = True,
+    training_files: bool = True,
+    replay: tuple[np.ndarray, np.ndarray, str] | None = None,
+    check: tuple[np.ndarray, np.ndarray, str] | None = None,
 ) -> ConvertResult:
     """Convert, write, verify and validate a bundle. Never raises on a failed gate: the
-    caller decides (``ConvertResult.failures``); the report is always written."""
+    caller decides (``ConvertResult.failures``); the report is always written.
+
+    ``training_files``: for a Keras source with a labelled calibration set, also put the
+    float model and a replay/check set into the bundle (:mod:`.trainfiles`) so that
+    ``edgecells adapt`` can fine-tune it. The replay set is ``replay`` (x, y, description)
+    or the calibration set; the check set ``check`` or a subset of the validation data."""
     from edgecells.edge.backends import open_classifier
 
     t_start = time.perf_counter()
@@ -327,6 +335,26 @@ def convert_model(
         validation={},
         provenance=provenance,
     )
+    labelled_calib = not calib.manifest.get("synthetic") and list(calib.classes) == list(classes)
+    if (
+        training_files
+        and source.kind == "keras"
+        and task != "binary"
+        and (replay is not None or labelled_calib)
+    ):
+        from edgecells.convert.trainfiles import add_training_files
+
+        step("adding training files")
+        rx, ry, rdesc = replay or (
+            calib.x,
+            calib.y,
+            f"calibration set ({calib.manifest.get('data', '?')} "
+            f"{calib.manifest.get('split', 'train')} split)",
+        )
+        if check is None and val_x is not None and val_y is not None:
+            check = (val_x, np.asarray(val_y), val_desc or "validation data")
+        cx, cy, cdesc = check or (None, None, "")
+        add_training_files(out, manifest, source, rx, ry, rdesc, cx, cy, cdesc)
     writer.write(out, manifest)
     bundle = load_bundle(out)
 

@@ -148,7 +148,8 @@ def write(root: str | os.PathLike[str], manifest: dict[str, Any]) -> Path:
 
 def archive(bundle_dir: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
     """Pack the manifest, its signature (when signed) and every file the manifest
-    references (model files and self-test samples) into ``dest`` (.tar.gz, .tgz or .zip).
+    references (model files, self-test samples and training files) into ``dest``
+    (.tar.gz, .tgz or .zip).
 
     Members sit under one top folder named after the bundle; only these files go in. The
     bundle is verified first (an archive of a broken bundle is never made).

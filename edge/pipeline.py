@@ -34,6 +34,7 @@ class FrameResult:
     cells: list[dict[str, Any]] = field(default_factory=list)
     red_cells: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    stain_stats: Any = None  # the frame's FrameStats the crops were normalized with
 
 
 def agree_with_detector(labels: list[str], kinds: list[str]) -> list[str]:
@@ -161,6 +162,7 @@ class Pipeline:
             )
         res.status = "ok"
         res.timings = t
+        res.stain_stats = stats
         return res, batch
 
     def _skip(self, res: FrameResult, q: FrameQuality, t: dict[str, float]) -> FrameResult:

@@ -34,6 +34,7 @@ from typing import Any
 from edgecells.edge.config import Config
 from edgecells.edge.detect import NUCLEATED
 from edgecells.edge.errors import EdgecellsError
+from edgecells.edge.export import CropExporter
 from edgecells.edge.pipeline import FrameResult, Pipeline
 from edgecells.edge.quality import QualityTally
 from edgecells.edge.report import (
@@ -72,6 +73,7 @@ class Session:
         annotate: bool = False,
         info: dict[str, Any] | None = None,
         summary_every_s: float = 1.0,
+        export_crops: str | Path | None = None,
         source_id: str | None = None,
     ) -> None:
         self.pipe = Pipeline(cfg, bundle, classifier)
@@ -108,6 +110,9 @@ class Session:
         self._frames: CsvLog | None = None
         if self.out is not None:
             self._open_out(resume)
+        self.exporter: CropExporter | None = None
+        if export_crops is not None:  # after _open_out: next_index is known on --resume
+            self.exporter = CropExporter(export_crops, self.next_index if resume else None)
 
     # ------------------------------------------------------------------ output folder
     def _open_out(self, resume: bool) -> None:
@@ -335,6 +340,8 @@ class Session:
                 self.out / self._frame_file(frame.index),
                 annotate_frame(img, res.cells, self.classes),
             )
+        if self.exporter is not None and frame.image is not None and res.cells:
+            self.exporter.add(frame.image, frame.index, frame.name, res.cells, res.stain_stats)
         return shown
 
     def _frame_file(self, index: int) -> str:
@@ -382,6 +389,8 @@ class Session:
             return
         if self._cells is not None:
             self._cells.sync()  # the frame's cells are on disk before the frame is listed
+        if self.exporter is not None:
+            self.exporter.sync()
         row: dict[str, Any] = {
             "frame": frame.index,
             "name": frame.name,
@@ -432,10 +441,10 @@ class Session:
                     # summary written says complete: false
                     log.warning("final summary not written: %s", exc)
         finally:
-            for log_ in (self._cells, self._frames):
+            for log_ in (self._cells, self._frames, self.exporter):
                 if log_ is not None:
                     log_.close()
-            self._cells = self._frames = None
+            self._cells = self._frames = self.exporter = None
 
 
 def _ends_newline(p: Path) -> bool:

@@ -48,6 +48,7 @@ COMMAND_MODULES = [
     "edgecells.commands.doctor",
     "edgecells.commands.scale",
     "edgecells.commands.train",
+    "edgecells.commands.adapt",
 ]
 
 

@@ -61,6 +61,12 @@ Manifest schema, version 1 (``manifest.json``, UTF-8 JSON object)::
         }
       ],
       "validation": {"tflite-int8": {...metrics...}, ...},   # per model id, may be {}
+      "training": {                          # optional: what `edgecells adapt` needs
+        "source_model": {"path": "training/model.keras", "sha256": "...", "bytes": 1,
+                         "format": "keras", "role": "source"},   # the float model
+        "replay": {"path": "training/replay.npz", "sha256": "...", "bytes": 1, ...}
+      },                                     # (files verified like the models')
+      "adaptation": {...},                   # optional: parent hash, local data, metrics
       "provenance": {
         "source_model": "model.keras", "source_model_sha256": "...",
         "calibration_sha256": "..." | null, "calibration_manifest": {...} | null,
@@ -183,7 +189,11 @@ def load_bundle(
     manifest = decode_manifest(raw, root / MANIFEST_NAME)
     fields = parse_manifest(manifest, str(root / MANIFEST_NAME))
     if verify:
-        verify_files(root, fields["models"], fields["selftest"])
+        verify_files(
+            root,
+            fields["models"],
+            list(fields["selftest"]) + list(fields["training_files"].values()),
+        )
     return Bundle(
         root=root,
         manifest=manifest,

@@ -23,6 +23,9 @@ FORMATS = ("tflite", "openvino", "onnx")
 PRECISIONS = ("int8", "float32")
 BACKEND_OF_FORMAT = {"tflite": "litert", "openvino": "openvino", "onnx": "onnxruntime"}
 STAIN_METHODS = ("reinhard-fixed-v1", "none")
+# Optional files for site adaptation (``training`` section): the float source model and
+# the replay/check set of the original training data (see edgecells.convert.trainfiles).
+TRAINING_KEYS = ("source_model", "replay")
 
 MAX_MANIFEST_BYTES = 4 << 20
 SELFTEST_MAX_SAMPLES = 256
@@ -207,6 +210,7 @@ class Bundle:
     provenance: dict[str, Any] = field(default_factory=dict)
     selftest: tuple[FileEntry, ...] = ()  # self-test sample files (hashed like models)
     source: str = ""  # what the user gave (folder or archive path)
+    training_files: dict[str, FileEntry] = field(default_factory=dict)  # TRAINING_KEYS
     manifest_sha256: str = ""  # of manifest.json as read: the bundle's identity
     signature: dict[str, Any] = field(default_factory=dict)  # set by signing.check_bundle
 
@@ -451,7 +455,8 @@ def _selftest(d: Any, classes: list[str], ids: list[str], mpath: str) -> tuple[F
 
 
 def referenced_files(manifest: dict[str, Any]) -> list[str]:
-    """Every file path a (parsed) manifest references: model files, then self-test samples."""
+    """Every file path a (parsed) manifest references: model files, self-test samples,
+    then training files."""
     paths: list[str] = []
     for m in manifest.get("models", []):
         for f in m.get("files") or [{"path": m.get("path")}]:
@@ -462,6 +467,12 @@ def referenced_files(manifest: dict[str, Any]) -> list[str]:
         for s in st.get("samples", []):
             if s.get("path") not in paths:
                 paths.append(s["path"])
+    tr = manifest.get("training")
+    if isinstance(tr, dict):
+        for k in TRAINING_KEYS:
+            e = tr.get(k)
+            if isinstance(e, dict) and e.get("path") not in paths:
+                paths.append(e["path"])
     return paths
 
 
@@ -538,6 +549,12 @@ def parse_manifest(manifest: Any, mpath: str = MANIFEST_NAME) -> dict[str, Any]:
                 f"{mpath}: model {m.id!r} has {m.output.shape[-1]} outputs for "
                 f"{len(classes)} classes"
             )
+    training = manifest.get("training") or {}
+    if not isinstance(training, dict):
+        raise EdgecellsError(f"{mpath}: training must be an object")
+    training_files = {
+        k: _file(training[k], f"{mpath}: training.{k}") for k in TRAINING_KEYS if k in training
+    }
     validation = manifest.get("validation") or {}
     provenance = manifest.get("provenance") or {}
     if not isinstance(validation, dict) or not isinstance(provenance, dict):
@@ -555,6 +572,7 @@ def parse_manifest(manifest: Any, mpath: str = MANIFEST_NAME) -> dict[str, Any]:
         "models": models,
         "validation": validation,
         "provenance": provenance,
+        "training_files": training_files,
         "selftest": selftest,
     }
 

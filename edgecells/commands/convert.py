@@ -170,6 +170,11 @@ def convert(
     ),
     name: str | None = typer.Option(None, "--name", help="Bundle name."),
     threads: int | None = typer.Option(None, "--threads", help="Inference threads."),
+    training_files: bool = typer.Option(
+        True,
+        "--training-files/--no-training-files",
+        help="Put the float Keras model and a replay set in the bundle (for `edgecells adapt`).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Quantize a model to int8 TFLite / OpenVINO / ONNX, validate, and write a bundle."""
@@ -264,6 +269,7 @@ def convert(
             threads=threads,
             continue_on_error=zoo is not None,
             analyse_layers=zoo is None,  # random zoo weights: disagreement says nothing
+            training_files=training_files and zoo is None,
         )
     gate_failed = [f for f in result.failures if "conversion failed" not in f]
     if archive and (result.passed or force or zoo):

@@ -72,6 +72,12 @@ def screen(
     frames: int | None = typer.Option(None, "--frames", help="Stop after N frames."),
     annotate: bool = typer.Option(False, "--annotate", help="Write an annotated PNG per frame."),
     resume: bool = typer.Option(False, "--resume", help="Continue the session in --out."),
+    export_crops: Path | None = typer.Option(
+        None,
+        "--export-crops",
+        help="Also write every classified cell at native resolution into "
+        "DIR/<predicted class>/ with DIR/index.csv (label them for `edgecells adapt`).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Screen a slide: classify the cells of every frame, count, flag, report.
@@ -118,6 +124,7 @@ def screen(
             annotate=annotate or cfg.session.annotate,
             info=info,
             source_id=source_identity(cfg.session.source),
+            export_crops=export_crops,
         )
     except BaseException:
         src.close()

@@ -1,0 +1,150 @@
+"""``edgecells adapt``: fine-tune a bundle on locally labelled cells (site adaptation)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from edgecells.edge.errors import EdgecellsError
+
+err = Console(stderr=True)
+out = Console()
+
+
+def adapt(
+    bundle: str | None = typer.Option(
+        None, "--bundle", "-b", help="Parent bundle (default: the shipped reference bundle)."
+    ),
+    data: Path = typer.Option(
+        ..., "--data", help="Labelled cells: DIR/<class>/*.png (from screen --export-crops)."
+    ),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="New bundle folder to write."),
+    epochs: int = typer.Option(8, "--epochs", help="Fine-tuning epochs."),
+    replay_data: Path | None = typer.Option(
+        None,
+        "--replay-data",
+        help="The parent's training data (e.g. ../shared/data/pbc): replay from its train "
+        "split, forgetting gate on its test split. Default: the bundle's replay set.",
+    ),
+    source_model: Path | None = typer.Option(
+        None,
+        "--source-model",
+        help="The parent's Keras model, for a bundle that does not carry it (hash-checked).",
+    ),
+    holdout: float = typer.Option(0.2, "--holdout", help="Share of local cells held out."),
+    min_per_class: int = typer.Option(
+        3, "--min-per-class", help="Refuse a class folder with fewer labelled cells."
+    ),
+    max_drop: float = typer.Option(
+        1.0, "--max-drop", help="Largest accuracy drop on the original data, points."
+    ),
+    interpolate: bool = typer.Option(
+        True,
+        "--interpolate/--no-interpolate",
+        help="Pull the fine-tuned weights back toward the parent's (WiSE-FT) as far as "
+        "needed to keep the original data's accuracy.",
+    ),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    force: bool = typer.Option(False, "--force", help="Keep a bundle that fails the gate."),
+    archive: bool = typer.Option(False, "--archive", help="Also write OUT.tar.gz."),
+    threads: int | None = typer.Option(None, "--threads", help="Inference threads."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Adapt a bundle to this microscope: fine-tune on locally labelled cells with the
+    original data in the mix, re-calibrate, convert to int8, gate, write a new bundle."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        from edgecells.convert import pipeline, writer
+        from edgecells.convert.adapt import adapt_bundle
+        from edgecells.training.adapt import AdaptConfig
+    except ImportError as exc:
+        raise EdgecellsError(f"adapt needs the training toolchain (TensorFlow): {exc}") from None
+
+    if min_per_class < 2:
+        raise EdgecellsError(f"--min-per-class must be >= 2, got {min_per_class}")
+    cfg = AdaptConfig(
+        epochs=epochs,
+        holdout=holdout,
+        seed=seed,
+        min_per_class=min_per_class,
+        interpolate=interpolate,
+        select_drop_pp=max_drop / 2,
+    )
+    with (
+        pipeline.stdout_to_stderr(),
+        Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err,
+            disable=as_json,
+            transient=True,
+        ) as bar,
+    ):
+        task = bar.add_task("starting", total=None)
+
+        def step(msg: str) -> None:
+            bar.update(task, description=msg)
+
+        result = adapt_bundle(
+            bundle,
+            data,
+            out_dir,
+            cfg,
+            replay_data=replay_data,
+            source_model=source_model,
+            max_pbc_drop=max_drop,
+            threads=threads,
+            step=step,
+            on_train_step=lambda k: bar.advance(task, k),
+        )
+    if archive and (result.passed or force):
+        writer.archive(out_dir, out_dir.with_name(out_dir.name + ".tar.gz"))
+    if as_json:
+        d = result.to_dict()
+        d["local_data"] = {k: v for k, v in d["local_data"].items() if k != "files"}
+        print(json.dumps(d, indent=2))
+    else:
+        _print(result.to_dict())
+    if not result.passed and not force:
+        raise EdgecellsError(
+            "adapted bundle failed the gate: "
+            + "; ".join(result.failures)
+            + f". It is in {out_dir}; use --force to keep it anyway.",
+            exit_code=3,
+        )
+
+
+def _pct(v: Any) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _print(d: dict[str, Any]) -> None:
+    m = d["metrics"]
+    t = Table(title=f"adapted bundle -> {d['bundle']}  ({m['format']})")
+    for c in ("data", "n", "before", "after"):
+        t.add_column(c, justify="left" if c == "data" else "right")
+    for key, label in (("local_holdout", "held-out local cells"), ("check", d["check_data"])):
+        b, a = m["before"][key], m["after"][key]
+        t.add_row(label, str(a["n"]), _pct(b["accuracy"]), _pct(a["accuracy"]))
+    out.print(t)
+    ld = d["local_data"]
+    out.print(
+        "local cells: "
+        + ", ".join(f"{c} {n}" for c, n in ld["counts"].items())
+        + f" ({sum(ld['holdout_counts'].values())} held out); replay: {d['replay']['data']}"
+    )
+    gate = "[green]passed[/]" if d["passed"] else "[red]FAILED[/]: " + "; ".join(d["failures"])
+    out.print(f"gate {gate}; {d['seconds']:.0f} s, peak memory {d['peak_rss_mb']:.0f} MiB")
+
+
+def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
+    app.command("adapt")(adapt)

@@ -1,0 +1,252 @@
+"""Site adaptation: --export-crops, local-cell reading and its refusals, and the round trip
+export -> label (move files) -> adapt -> bundle info / doctor / update-bundle -> screen."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgecells.edge.errors import EdgecellsError
+
+FIX = Path(__file__).parent / "fixtures"
+BCCD = FIX / "bccd" / "JPEGImages"
+TINY = FIX / "bundle_tiny"
+FW = Path(__file__).resolve().parents[1] / "firmware-scripts"
+
+
+def _cli(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "edgecells", *map(str, args)], capture_output=True, text=True
+    )
+
+
+def _export(bundle: Path | None, out: Path) -> list[dict]:
+    """The pipeline over the BCCD fixture frames with a CropExporter (what
+    ``screen --export-crops`` does); returns each cell with the batch input it got."""
+    from edgecells.edge.backends import open_classifier
+    from edgecells.edge.bundle import load_bundle
+    from edgecells.edge.config import load_config
+    from edgecells.edge.export import CropExporter
+    from edgecells.edge.imageio import read_image
+    from edgecells.edge.pipeline import Pipeline
+    from edgecells.edge.sources.base import Frame
+
+    b = load_bundle(bundle)
+    clf = open_classifier(b, "auto", 1)
+    pipe = Pipeline(load_config(None), b, clf)
+    exp = CropExporter(out)
+    cells = []
+    for i, f in enumerate(sorted(BCCD.glob("*.jpg"))):
+        img = read_image(f)
+        res, batch = pipe.process(Frame(i, time.time(), img, f.name))
+        exp.add(img, i, f.name, res.cells, res.stain_stats)
+        cells += [{**c, "input": batch[k]} for k, c in enumerate(res.cells)]
+    exp.close()
+    clf.close()
+    return cells
+
+
+def test_exported_crops_rebuild_the_device_input_exactly(tmp_path: Path) -> None:
+    from edgecells.edge.bundle import load_bundle
+    from edgecells.edge.export import crop_name, device_input, read_index
+    from edgecells.edge.imageio import read_image
+    from edgecells.edge.stain import ReinhardNormalizer
+
+    out = tmp_path / "x"
+    cells = _export(TINY, out)
+    assert cells
+    index = read_index(out)
+    assert len(index) == len(cells)
+    b = load_bundle(TINY)
+    norm = ReinhardNormalizer(b.load_stain_target())
+    clipped = 0
+    for c in cells:
+        name = crop_name(c["frame"], c["cell"], c["x"], c["y"])
+        row = index[name]
+        crop = read_image(out / row["file"])
+        assert row["file"] == f"{c['label']}/{name}"
+        # native resolution, clipped to the frame, never padded or resized
+        fh, fw = int(row["frame_h"]), int(row["frame_w"])
+        x, y, w = c["x"], c["y"], c["w"]
+        assert crop.shape[:2] == (min(fh, y + w) - max(0, y), min(fw, x + w) - max(0, x))
+        clipped += crop.shape[:2] != (w, w)
+        assert np.array_equal(device_input(crop, row, norm, b.input_size), c["input"])
+    assert clipped  # the fixtures have cells at the frame edge: the reflection is tested
+
+
+def test_screen_export_crops_cli(tmp_path: Path) -> None:
+    proc = _cli(
+        "screen", "--source", BCCD, "--out", tmp_path / "s", "--export-crops", tmp_path / "x",
+        "--json", "--bundle", TINY,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    with open(tmp_path / "x" / "index.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(tmp_path / "s" / "cells.csv", newline="") as f:
+        cells = list(csv.DictReader(f))
+    assert len(rows) == len(cells) > 0
+    assert all((tmp_path / "x" / r["file"]).is_file() for r in rows)
+    assert {r["source"] for r in rows} <= {str(p) for p in BCCD.glob("*.jpg")}
+    # a second session into the same folder is refused with one line
+    proc = _cli(
+        "screen", "--source", BCCD, "--out", tmp_path / "s2", "--export-crops", tmp_path / "x",
+        "--bundle", TINY,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "index.csv" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def _folder(root: Path, counts: dict[str, int]) -> Path:
+    src = sorted((FIX / "pbc").rglob("*.jpg"))
+    for c, n in counts.items():
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            shutil.copy(src[i], root / c / f"{i}.jpg")
+    return root
+
+
+def test_local_cells_refusals(tmp_path: Path) -> None:
+    from edgecells.training.adapt import read_local_cells, split_holdout
+
+    classes = ["lymphocyte", "neutrophil", "platelet"]
+    ok = _folder(tmp_path / "ok", {"lymphocyte": 3, "neutrophil": 5, "_skip": 2, "unidentified": 1})
+    cells = read_local_cells(ok, classes, None, 16)
+    assert cells.counts() == {"lymphocyte": 3, "neutrophil": 5}
+    assert cells.x.shape == (8, 16, 16, 3) and cells.from_index == 0
+    tr, ho = split_holdout(cells.y, 0.2, 0)
+    assert len(ho) == 2 and len(tr) == 6 and not set(tr) & set(ho)
+
+    with pytest.raises(EdgecellsError, match="too few cells in lymphocyte \\(2\\)"):
+        read_local_cells(_folder(tmp_path / "few", {"lymphocyte": 2}), classes, None, 16)
+    with pytest.raises(EdgecellsError, match="blast are not classes"):
+        read_local_cells(_folder(tmp_path / "unk", {"blast": 3}), classes, None, 16)
+    bad = _folder(tmp_path / "bad", {"neutrophil": 3})
+    (bad / "neutrophil" / "1.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(EdgecellsError, match="1.jpg: not a readable image"):
+        read_local_cells(bad, classes, None, 16)
+    with pytest.raises(EdgecellsError, match="no labelled cells"):
+        read_local_cells(_folder(tmp_path / "none", {"_skip": 3}), classes, None, 16)
+
+
+def test_adapt_refuses_a_bundle_without_a_trainable_model(tmp_path: Path) -> None:
+    data = _folder(tmp_path / "d", {"neutrophil": 3})
+    proc = _cli("adapt", "--bundle", TINY, "--data", data, "--out", tmp_path / "o")
+    assert proc.returncode == 2
+    assert "no trainable model" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    wrong = tmp_path / "wrong.keras"
+    wrong.write_bytes(b"x")
+    proc = _cli(
+        "adapt", "--bundle", TINY, "--data", data, "--out", tmp_path / "o",
+        "--source-model", wrong,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "is not this bundle's source model" in proc.stderr
+
+
+@pytest.mark.slow
+def test_round_trip_export_label_adapt_screen(tmp_path: Path) -> None:
+    """A trainable tiny bundle (convert puts its model and replay set in), cells exported
+    from the BCCD fixture frames and 'labelled' by moving files, adapted (1 epoch) with
+    the bundle's own replay set (no original data: the device case), then checked like
+    any converted bundle and used to screen."""
+    pytest.importorskip("tensorflow")
+    from edgecells.calibration.calibset import build_calibset
+    from edgecells.calibration.datasets import load_dataset, load_split
+    from edgecells.convert.pipeline import convert_model
+    from edgecells.convert.source import load_source
+    from edgecells.convert.tiny import train_tiny
+    from edgecells.edge.bundle import load_bundle
+    from edgecells.edge.mappings import load_mapping
+    from edgecells.edge.stain import StainTarget
+
+    # parent: tiny model, converted (tflite only, to keep the test short)
+    tiny = load_bundle(TINY)
+    target = StainTarget.from_dict(tiny.stain_target)
+    mapping = load_mapping("pbc8")
+    ds = load_dataset(FIX / "pbc", mapping=mapping)
+    tr = load_split(ds, "train", tiny.input_size, target, use_cache=False)
+    te = load_split(ds, "test", tiny.input_size, target, use_cache=False)
+    model = train_tiny(tr.x, tr.y, 8, epochs=30)
+    model.save(tmp_path / "tiny.keras")
+    calib = build_calibset(FIX / "pbc", target, tiny.input_size, per_class=3, mapping=mapping)
+    parent = tmp_path / "parent"
+    res = convert_model(
+        load_source(tmp_path / "tiny.keras"), calib, parent, ["tflite"],
+        classes=mapping.classes, mapping=mapping.to_dict(), val_x=te.x, val_y=te.y,
+        val_desc="fixture test split", max_drop=100.0,
+    )  # fmt: skip
+    pm = json.loads((parent / "manifest.json").read_text())
+    src = pm["training"]["source_model"]
+    assert src["sha256"] == pm["provenance"]["source_model_sha256"] and src["role"] == "source"
+    assert pm["training"]["replay"]["n"] == 24 and pm["training"]["replay"]["check_n"] == 16
+    assert res.formats
+
+    # collect and label: everything the parent found becomes "neutrophil" or "platelet"
+    exp = tmp_path / "cells"
+    proc = _cli(
+        "screen", "--source", BCCD, "--out", tmp_path / "s1", "--bundle", parent,
+        "--export-crops", exp, "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    with open(exp / "index.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        dest = exp / ("platelet" if r["kind"] == "platelet" else "neutrophil")
+        dest.mkdir(exist_ok=True)
+        shutil.move(exp / r["file"], dest / Path(r["file"]).name)
+    for d in exp.iterdir():
+        if d.is_dir() and d.name not in ("neutrophil", "platelet"):
+            d.rmdir()
+    if len(list((exp / "platelet").glob("*.png"))) < 3:
+        (exp / "platelet").rename(exp / "_skip")
+
+    new = tmp_path / "adapted"
+    proc = _cli(
+        "adapt", "--bundle", parent, "--data", exp, "--out", new, "--epochs", "1",
+        "--json", "--force", "--max-drop", "100",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    m = json.loads((new / "manifest.json").read_text())
+    ad = m["adaptation"]
+    assert (
+        ad["parent"]["manifest_sha256"]
+        == hashlib.sha256((parent / "manifest.json").read_bytes()).hexdigest()
+    )
+    assert m["provenance"]["parent_bundle_sha256"] == ad["parent"]["manifest_sha256"]
+    files = ad["local_data"]["files"]
+    assert len(files) == ad["local_data"]["n"] == out["local_data"]["n"]
+    assert ad["local_data"]["from_index_csv"] == len(files)
+    f0 = files[0]
+    assert f0["sha256"] == hashlib.sha256((exp / f0["path"]).read_bytes()).hexdigest()
+    assert set(ad["metrics"]["before"]) == {"local_holdout", "check"}
+    assert ad["metrics"]["after"]["check"]["n"] == 16
+    assert "bundle check set" in ad["check_data"]  # the device case: the parent's check set
+    assert [x["id"] for x in m["models"]] == [x["id"] for x in pm["models"]]
+    assert m["training"]["source_model"]["sha256"] != src["sha256"]  # the fine-tuned model
+
+    # like any converted bundle: info, doctor (self-test), update-bundle dry run, screen
+    assert _cli("bundle", "info", new).returncode == 0
+    proc = _cli("doctor", "--bundle", new, "--only", "bundle", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert '"selftest"' in proc.stdout
+    env = dict(os.environ)
+    proc = subprocess.run(
+        ["bash", FW / "update-bundle.sh", "--root", tmp_path / "root", "--python",
+         sys.executable, new, "--dry-run"],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "would install" in proc.stdout, proc.stdout + proc.stderr
+    proc = _cli("screen", "--source", BCCD, "--bundle", new, "--out", tmp_path / "s2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["frames"] == len(list(BCCD.glob("*.jpg")))
