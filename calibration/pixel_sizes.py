@@ -24,6 +24,15 @@ described as healthy or normal):
 - So PBC's 200 px crops span 20.6 µm, LISC's 224 px 34.7 µm; a 20 µm model field fits in
   both. Reproduce: ``python -m edgecells.calibration.pixel_sizes ../shared/data``.
 
+**The device's estimator** (``edgecells.edge.scale``, red-cell inscribed circles, 40 frames,
+95% bootstrap interval; ``python benchmarks/bench_scale.py``) gives BCCD 0.0738 µm/px
+(0.0728-0.0752), 2.4% from the VOC figure above. On DeepBioNet its per-frame estimates fall
+into two groups: 240 frames around 0.122 µm/px and 260 around 0.083 µm/px (the source
+resized its frames), so the single VOC figure above (0.126) fits only about half of the
+frames; a per-frame estimate (``estimate_pixel_size([frame])``) is closer where the
+frame's scale matters. The estimator cannot measure single-cell crops (PBC, LISC): it then
+measures the white cell. :data:`PIXEL_SIZES` keeps its figures.
+
 Red cells are smaller or larger in some anaemias; these are normal-blood sets.
 """
 
@@ -138,3 +147,21 @@ if __name__ == "__main__":  # pragma: no cover
     import sys
 
     _main(sys.argv[1] if len(sys.argv) > 1 else "../shared/data")
+
+
+# The device estimator's figures (edge/scale.py; benchmarks/bench_scale.py).
+PIXEL_SIZES: dict[str, dict[str, object]] = {
+    "bccd": {
+        "pixel_size_um": 0.0738,
+        "interval": (0.0728, 0.0752),
+        "voc_pixel_size_um": 0.0721,
+        "method": "red cells, first 40 of all 364 frames (sorted); VOC boxes: all frames",
+    },
+    "deepbionet": {
+        "pixel_size_um": 0.1225,
+        "groups": {"0.083": 260, "0.122": 240},
+        "voc_pixel_size_um": 0.1271,
+        "method": "red cells per frame, median of the larger-pixel group (240 of 500 frames); "
+        "the other 260 frames are at about 0.083 um/px",
+    },
+}

@@ -14,6 +14,7 @@ import numpy as np
 
 from edgecells.edge.config import Config
 from edgecells.edge.detect import NUCLEATED, CellDetector
+from edgecells.edge.errors import EdgecellsError
 from edgecells.edge.latency import LatencyStats
 from edgecells.edge.preprocess import field_side_px, prepare_cell
 from edgecells.edge.quality import FrameQuality, QualityGate
@@ -58,6 +59,10 @@ class Pipeline:
         self.classes: list[str] = list(bundle.classes)
         self.abnormal_mask = np.asarray(bundle.abnormal_mask, dtype=bool)
         self.rule = ScreeningRule.from_bundle(bundle.thresholds, cfg.screening)
+        if isinstance(cfg.camera.pixel_size_um, str):  # "auto" not resolved by the caller
+            raise EdgecellsError(
+                'camera.pixel_size_um is "auto": estimate it first (edge.scale.resolve_pixel_size)'
+            )
         self.detector = CellDetector(cfg.detect, cfg.camera.pixel_size_um)
         self.gate = QualityGate(cfg.quality)
         self.target = bundle.load_stain_target()
@@ -140,10 +145,13 @@ class Pipeline:
                 {
                     "frame": frame.index,
                     "cell": i,
-                    "x": int(round(c.cx - side / 2)),
-                    "y": int(round(c.cy - side / 2)),
-                    "w": side,
-                    "h": side,
+                    "x": c.x,  # the detected cell's own box, full-frame pixels
+                    "y": c.y,
+                    "w": c.w,
+                    "h": c.h,
+                    "crop_x": int(round(c.cx - side / 2)),  # the square the classifier saw
+                    "crop_y": int(round(c.cy - side / 2)),
+                    "crop_side": side,
                     "kind": c.kind,
                     "label": labels[i],
                     "confidence": float(conf[i]),

@@ -46,6 +46,7 @@ COMMAND_MODULES = [
     "edgecells.commands.screen",
     "edgecells.commands.convert",
     "edgecells.commands.doctor",
+    "edgecells.commands.scale",
     "edgecells.commands.train",
     "edgecells.commands.classify",
     "edgecells.commands.adapt",
