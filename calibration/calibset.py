@@ -123,6 +123,21 @@ def _sha256(path: Path) -> str:
     return sha256_file(path)
 
 
+def _source_px(
+    data: str | os.PathLike[str], model_pixel_um: float | None, pixel_size_um: float | None
+) -> float | None:
+    from edgecells.calibration.pixel_sizes import pixel_size_for
+
+    if model_pixel_um is None:
+        return None
+    px = pixel_size_um if pixel_size_um is not None else pixel_size_for(data)
+    if px is None:
+        raise EdgecellsError(
+            f"{data}: unknown pixel size of these images; pass --data-pixel-size (µm/px)"
+        )
+    return float(px)
+
+
 def build_calibset(
     data: str | os.PathLike[str],
     target: Any,
@@ -132,11 +147,15 @@ def build_calibset(
     seed: int = DEFAULT_SEED,
     mapping: Any = None,
     progress: Progress | None = None,
+    model_pixel_um: float | None = None,
+    pixel_size_um: float | None = None,
 ) -> CalibSet:
     """Draw and preprocess a stratified calibration set from ``data``'s training split.
 
     ``target``: a StainTarget (None = no stain normalization). ``per_class`` images per
-    class, or ``total`` shared equally (default :data:`DEFAULT_TOTAL`).
+    class, or ``total`` shared equally (default :data:`DEFAULT_TOTAL`). ``model_pixel_um``:
+    the model's input pixel size (cut at its field and resampled from ``pixel_size_um``,
+    default the data set's measured value); None = the legacy centre square.
     """
     from edgecells.calibration.datasets import load_dataset
     from edgecells.edge.imageio import read_image
@@ -146,6 +165,7 @@ def build_calibset(
     if per_class is not None and total is not None:
         raise EdgecellsError("give --per-class or --total, not both")
     ds = load_dataset(data, mapping=mapping, seed=seed)
+    src_px = _source_px(data, model_pixel_um, pixel_size_um)
     train = ds.split("train")
     by_class: dict[str, list[Any]] = {c: [] for c in ds.classes}
     for s in train:
@@ -175,7 +195,7 @@ def build_calibset(
     sources = []
     root = Path(data)
     for i, s in enumerate(chosen):
-        x[i] = prepare_crop(read_image(s.path), norm, size)
+        x[i] = prepare_crop(read_image(s.path), norm, size, src_px, model_pixel_um)
         y[i] = ds.label_index(s.label)
         try:
             rel = s.path.relative_to(root).as_posix()
@@ -200,7 +220,14 @@ def build_calibset(
             "input_size": int(size),
             "value_range": [0, 255],
             "stain_normalization": METHOD if target is not None else "none",
-            "crop": "center square, INTER_AREA down / INTER_LINEAR up",
+            "crop": "center square, INTER_AREA down / INTER_LINEAR up"
+            if model_pixel_um is None
+            else "centre field of input_size x pixel_size_um um, resampled, then normalized",
+            **(
+                {"pixel_size_um": float(model_pixel_um), "source_pixel_size_um": src_px}
+                if model_pixel_um is not None
+                else {}
+            ),
         },
         "sources": sources,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -304,6 +331,8 @@ def validation_images(
     seed: int = DEFAULT_SEED,
     mapping: Any = None,
     limit: int = COVERAGE_MAX_VAL_IMAGES,
+    model_pixel_um: float | None = None,
+    pixel_size_um: float | None = None,
 ) -> np.ndarray:
     """Up to ``limit`` validation-split images, preprocessed like the calibration set."""
     from edgecells.calibration.datasets import load_dataset
@@ -319,7 +348,10 @@ def validation_images(
     if len(val) > limit:
         val = [val[i] for i in sorted(rng.choice(len(val), limit, replace=False))]
     norm = ReinhardNormalizer(target) if target is not None else None
-    return np.stack([prepare_crop(read_image(s.path), norm, size) for s in val])
+    src_px = _source_px(data, model_pixel_um, pixel_size_um)
+    return np.stack(
+        [prepare_crop(read_image(s.path), norm, size, src_px, model_pixel_um) for s in val]
+    )
 
 
 def synthetic_calibset(

@@ -3,7 +3,8 @@
 Two layouts are read:
 
 - a folder with ``splits.csv`` (columns ``path,label,split``; paths relative to the
-  folder), like ``../shared/data/pbc``;
+  folder), like ``../shared/data/pbc``; without a ``label`` column the label is the
+  path's class folder (``../shared/data/lisc``);
 - a folder of class folders (``root/<class>/*.jpg``), split into train/val/test by a
   seeded stratified split; or ``root/{train,val,test}/<class>/*.jpg`` with the split
   given by the folders.
@@ -135,7 +136,8 @@ def _read_splits_csv(root: Path) -> tuple[list[Sample], list[tuple[str, str]]]:
         with f.open(newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
             cols = set(reader.fieldnames or ())
-            need = {"path", "label", "split"}
+            # no label column: the label is the class folder (path's first part; LISC)
+            need = {"path", "label", "split"} if "label" in cols else {"path", "split"}
             if not need <= cols:
                 raise EdgecellsError(
                     f"{f}: missing column(s) {', '.join(sorted(need - cols))} "
@@ -145,8 +147,8 @@ def _read_splits_csv(root: Path) -> tuple[list[Sample], list[tuple[str, str]]]:
                 split = (row["split"] or "").strip()
                 if split not in SPLITS:
                     raise EdgecellsError(f"{f}: line {line}: unknown split {split!r}")
-                label = (row["label"] or "").strip()
                 rel = (row["path"] or "").strip()
+                label = (row["label"] or "").strip() if "label" in cols else Path(rel).parts[0]
                 if not label or not rel:
                     raise EdgecellsError(f"{f}: line {line}: empty path or label")
                 p = root / rel
@@ -300,17 +302,34 @@ def load_split(
     cache_dir: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
     use_cache: bool = True,
+    model_pixel_um: float | None = None,
+    pixel_size_um: float | None = None,
 ) -> LoadedSplit:
-    """Read, stain-normalize (``target``; None = no normalization) and resize one split.
+    """Read, cut at the model's field, resample and stain-normalize (``target``; None = no
+    normalization) one split, with :func:`~edgecells.edge.preprocess.prepare_crop`.
 
-    Results are cached as ``.npz`` under ``cache_dir`` keyed by a hash of the files, the
-    class order, the size, the target and the preprocessing version.
+    ``model_pixel_um``: the model's input pixel size (µm/px; None = legacy: the whole
+    image's centre square); ``pixel_size_um``: the images' (default: the data set's
+    measured value, :mod:`.pixel_sizes`). Results are cached as ``.npz`` under
+    ``cache_dir`` keyed by a hash of the files, the class order, the size, the pixel
+    sizes, the target and the preprocessing version.
     """
+    from edgecells.calibration.pixel_sizes import pixel_size_for
+
     samples = dataset.split(split)
+    src_px = None
+    if model_pixel_um is not None:
+        src_px = pixel_size_um if pixel_size_um is not None else pixel_size_for(dataset.root)
+        if src_px is None:
+            raise EdgecellsError(
+                f"{dataset.root}: unknown pixel size of these images; pass --pixel-size (µm/px)"
+            )
     extra = {
         "kind": "split",
         "size": int(size),
         "target": target.to_dict() if target is not None else None,
+        "model_pixel_um": model_pixel_um,
+        "pixel_size_um": src_px,
     }
     key = cache_key(samples, dataset.classes, extra)
     cdir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -341,7 +360,7 @@ def load_split(
         img, err = _try_read(s.path)
         if img is None:
             return None, err
-        return prepare_crop(img, normalizer, size), None
+        return prepare_crop(img, normalizer, size, src_px, model_pixel_um), None
 
     n = 0
     with ThreadPoolExecutor(_workers()) as pool:

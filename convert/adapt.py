@@ -130,13 +130,15 @@ def _replay_from_data(
 
     ds = load_dataset(data, mapping=parent.class_mapping())
     step(f"reading replay data {data.name}")
-    tr = load_split(ds, "train", parent.input_size, target)
+    # at the parent's physical field (None for bundles from before pixel sizes)
+    px = parent.preprocessing.get("pixel_size_um")
+    tr = load_split(ds, "train", parent.input_size, target, model_pixel_um=px)
     keep = stratified_subset(tr.y, cfg.replay_per_class, cfg.seed)
     rx, ry = tr.x[keep], tr.y[keep]
-    te = load_split(ds, "test", parent.input_size, target)
+    te = load_split(ds, "test", parent.input_size, target, model_pixel_um=px)
     if len(te.x) == 0:
         raise EdgecellsError(f"{data}: the test split has no readable images")
-    va = load_split(ds, "val", parent.input_size, target)
+    va = load_split(ds, "val", parent.input_size, target, model_pixel_um=px)
     return (
         rx,
         ry,

@@ -312,6 +312,7 @@ def convert_model(
         models=entries,
         validation={},
         provenance=provenance,
+        pixel_size_um=calib.manifest.get("preprocessing", {}).get("pixel_size_um"),
     )
     labelled_calib = not calib.manifest.get("synthetic") and list(calib.classes) == list(classes)
     if (

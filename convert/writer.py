@@ -104,6 +104,7 @@ def build_manifest(
     provenance: dict[str, Any],
     crop: dict[str, Any] | None = None,
     thresholds: dict[str, Any] | None = None,
+    pixel_size_um: float | None = None,
 ) -> dict[str, Any]:
     """A schema-v1 manifest (see edge/bundle/__init__.py); crop/thresholds default from
     defaults.json."""
@@ -111,6 +112,17 @@ def build_manifest(
 
     d = defaults()
     crop_d = {k: v for k, v in (crop or d["crop"]).items() if k != "comment"}
+    pre: dict[str, Any] = {}
+    if pixel_size_um is not None:
+        # the model's physical input: every cell is cut at side_um and resampled to
+        # pixel_size_um before stain normalization (edge/preprocess.py, prepare_cell-v2)
+        side = round(float(input_size) * float(pixel_size_um), 6)
+        crop_d = {"side_um": side}
+        pre = {
+            "pixel_size_um": float(pixel_size_um),
+            "stats": "crop",
+            "function": "prepare_cell-v2",
+        }
     prov = {
         "edgecells_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -132,6 +144,7 @@ def build_manifest(
             "stain_normalization": "reinhard-fixed-v1" if stain_target else "none",
             "resize": "area",
             "function": "prepare_crop-v1",
+            **pre,
         },
         "crop": crop_d,
         "thresholds": thresholds or d["thresholds"],

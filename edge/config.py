@@ -19,8 +19,13 @@ Keys (section, key = default: meaning)::
                              # each is a cut of the frame, linked to the annotated frame
 
     [camera]
-    pixel_size_um = 0.073    # size of one camera pixel on the slide, micrometres/pixel (the
-                             # BCCD sample frames: ~0.073, from a 7.5 um red cell ~103 px)
+    pixel_size_um = 0.073    # size of one camera pixel on the slide, micrometres/pixel, from
+                             # a stage micrometer (best); "auto" = estimated at the start of
+                             # each session from the red cells of the first scale_frames
+                             # frames (edge/scale.py; assumes normal 7.5 um red cells). The
+                             # BCCD sample frames: 0.074 (red cells, calibration/pixel_sizes.py)
+    scale_frames = 10        # frames read for the "auto" estimate and the doctor's check
+    rbc_diameter_um = 7.5    # red-cell diameter assumed by the estimate (normal blood 7.5-8)
     width = 640              # requested capture size (cameras only; files keep their size)
     height = 480
     exposure_us = 0          # fixed exposure in microseconds; 0 = meter once at start, then lock
@@ -36,17 +41,39 @@ Keys (section, key = default: meaning)::
     batch = 64               # most crops per inference call (all crops of a frame when fewer)
 
     [detect]
-    nucleus_min_um2 = 12.0   # smallest stained area accepted as a nucleated cell, um^2
+    nucleus_min_um2 = 20.0   # smallest stained area accepted as a nucleated cell, um^2
     platelet_min_um2 = 0.3   # platelet stained-area range, um^2
     platelet_max_um2 = 12.0
-    stain_threshold = 0      # nuclear-stain channel threshold 0..255; 0 = Otsu per frame,
-                             # clamped to [stain_threshold_min, stain_threshold_max]
-    stain_threshold_min = 20
-    stain_threshold_max = 80
+    stain_od = 0.0           # nuclear-stain threshold, optical density of (green - blue)
+                             # relative to the glass; 0 = per frame: stain_level_factor x the
+                             # red cells' level (stain_level_pct percentile over pixels darker
+                             # than cell_od below the glass) + stain_level_offset, at least
+                             # stain_od_min (fitted on BCCD trainval + DeepBioNet train/val)
+    stain_od_min = 0.3
+    stain_level_pct = 50.0
+    stain_level_factor = 2.0
+    stain_level_offset = 0.15
+    cell_od = 0.15
+    stain_level_min_cover = 0.1   # cells covering less of the frame: no red-cell level (0)
+    platelet_od_min = 0.2    # platelets: their own (lower) threshold, same rule with these
+    platelet_level_factor = 1.5
+    platelet_level_offset = 0.1
+    platelet_open_um = 0.9   # opening (disc) removing thin red-cell rims from platelet candidates
+    platelet_min_fill = 0.4  # stained share of the candidate's box
+    platelet_min_glass = 0.2 # share of glass in a platelet_context_um square around it
+    platelet_context_um = 5.0
+    platelet_clear_um = 1.0  # no platelet this close to a nucleated cell's box (granules)
     edge_margin_um = 0.0     # drop cells whose centre lies closer than this to the border
     work_pixel_um = 0.15     # detection runs on the frame shrunk to about this um/pixel
     join_um = 0.3            # dilation radius joining the stained parts of one nucleus
+    open_um = 0.3            # opening (noise removal) square side; none below 2 work pixels
     lobe_merge_um = 10.0     # nuclear parts with centroids closer than this = one cell
+    split_um = 0.0           # touching white cells: split a component whose opening by this
+                             # radius leaves cores >= split_min_um2 at least split_dist_um
+                             # apart; 0 = off (it splits BCCD 00313 but also bilobed and
+                             # segmented nuclei: benchmarks/RESULTS.md)
+    split_min_um2 = 25.0
+    split_dist_um = 9.0
     absorb_um = 1.0          # small stained bits this close to a nucleus belong to it
     rbc_min_radius_um = 2.0  # red-cell count: distance-transform peaks this deep and apart
     rbc_min_contrast = 12    # red cells must be this much darker (green, 0..255) than glass
@@ -107,6 +134,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 BACKENDS = ("auto", "litert", "openvino", "onnxruntime", "tensorrt")
+AUTO = "auto"  # [camera] pixel_size_um: estimated from red cells (edge/scale.py)
 
 
 @dataclass
@@ -121,7 +149,9 @@ class SessionConfig:
 
 @dataclass
 class CameraConfig:
-    pixel_size_um: float = 0.073
+    pixel_size_um: float | str = 0.073
+    scale_frames: int = 10
+    rbc_diameter_um: float = 7.5
     width: int = 640
     height: int = 480
     exposure_us: int = 0
@@ -141,16 +171,32 @@ class InferenceConfig:
 
 @dataclass
 class DetectConfig:
-    nucleus_min_um2: float = 12.0
+    nucleus_min_um2: float = 20.0
     platelet_min_um2: float = 0.3
     platelet_max_um2: float = 12.0
-    stain_threshold: int = 0
-    stain_threshold_min: int = 20
-    stain_threshold_max: int = 80
+    stain_od: float = 0.0
+    stain_od_min: float = 0.3
+    stain_level_pct: float = 50.0
+    stain_level_factor: float = 2.0
+    stain_level_offset: float = 0.15
+    cell_od: float = 0.15
+    stain_level_min_cover: float = 0.1
+    platelet_od_min: float = 0.2
+    platelet_level_factor: float = 1.5
+    platelet_level_offset: float = 0.1
+    platelet_min_fill: float = 0.4
+    platelet_min_glass: float = 0.2
+    platelet_context_um: float = 5.0
+    platelet_clear_um: float = 1.0
+    platelet_open_um: float = 0.9
     edge_margin_um: float = 0.0
     work_pixel_um: float = 0.15
     join_um: float = 0.3
+    open_um: float = 0.3
     lobe_merge_um: float = 10.0
+    split_um: float = 0.0
+    split_min_um2: float = 25.0
+    split_dist_um: float = 9.0
     absorb_um: float = 1.0
     rbc_min_radius_um: float = 2.0
     rbc_min_contrast: int = 12
@@ -249,9 +295,15 @@ def _validate(cfg: Config, name: str) -> None:
     # distance), not settings: refused, so that no gate silently switches off.
     checks = [
         (
-            0.005 <= c.camera.pixel_size_um <= 20,
-            "camera.pixel_size_um must be in [0.005, 20] micrometres per pixel",
+            c.camera.pixel_size_um == AUTO
+            or (
+                not isinstance(c.camera.pixel_size_um, str)
+                and 0.005 <= c.camera.pixel_size_um <= 20
+            ),
+            'camera.pixel_size_um must be in [0.005, 20] micrometres per pixel, or "auto"',
         ),
+        (1 <= c.camera.scale_frames <= 1000, "camera.scale_frames must be in 1..1000"),
+        (1 <= c.camera.rbc_diameter_um <= 20, "camera.rbc_diameter_um must be in [1, 20]"),
         (
             0 < c.camera.width <= 16384 and 0 < c.camera.height <= 16384,
             "camera.width/height must be in 1..16384",
@@ -268,11 +320,28 @@ def _validate(cfg: Config, name: str) -> None:
         (1 <= c.inference.batch <= 4096, "inference.batch must be in 1..4096"),
         (c.session.frames >= 0, "session.frames must be >= 0"),
         (c.session.gallery_max >= 0, "session.gallery_max must be >= 0"),
-        (0 <= d.stain_threshold <= 255, "detect.stain_threshold must be 0..255"),
+        (0 <= d.stain_od <= 2.5, "detect.stain_od must be in [0, 2.5]"),
+        (0 < d.stain_od_min <= 2.5, "detect.stain_od_min must be in (0, 2.5]"),
+        (0 <= d.stain_level_pct <= 100, "detect.stain_level_pct must be in [0, 100]"),
+        (0 <= d.stain_level_factor <= 100, "detect.stain_level_factor must be in [0, 100]"),
+        (-2.5 <= d.stain_level_offset <= 2.5, "detect.stain_level_offset must be in [-2.5, 2.5]"),
+        (0 < d.cell_od <= 2.5, "detect.cell_od must be in (0, 2.5]"),
+        (0 <= d.stain_level_min_cover <= 1, "detect.stain_level_min_cover must be in [0, 1]"),
+        (0 < d.platelet_od_min <= 2.5, "detect.platelet_od_min must be in (0, 2.5]"),
+        (0 <= d.platelet_level_factor <= 100, "detect.platelet_level_factor must be in [0, 100]"),
         (
-            0 <= d.stain_threshold_min <= d.stain_threshold_max <= 255,
-            "detect.stain_threshold_min/max must satisfy 0 <= min <= max <= 255",
+            -2.5 <= d.platelet_level_offset <= 2.5,
+            "detect.platelet_level_offset must be in [-2.5, 2.5]",
         ),
+        (0 <= d.platelet_open_um <= 100, "detect.platelet_open_um must be in [0, 100]"),
+        (0 <= d.platelet_min_fill <= 1, "detect.platelet_min_fill must be in [0, 1]"),
+        (0 <= d.platelet_min_glass <= 1, "detect.platelet_min_glass must be in [0, 1]"),
+        (0 < d.platelet_context_um <= 1000, "detect.platelet_context_um must be in (0, 1000]"),
+        (0 <= d.platelet_clear_um <= 1000, "detect.platelet_clear_um must be in [0, 1000]"),
+        (0 <= d.open_um <= 100, "detect.open_um must be in [0, 100]"),
+        (0 <= d.split_um <= 100, "detect.split_um must be in [0, 100]"),
+        (0 < d.split_min_um2 <= 10000, "detect.split_min_um2 must be in (0, 10000]"),
+        (0 <= d.split_dist_um <= 1000, "detect.split_dist_um must be in [0, 1000]"),
         (
             0 < d.platelet_min_um2 < d.platelet_max_um2,
             "detect.platelet_min_um2 must be > 0 and < platelet_max_um2",
@@ -346,6 +415,11 @@ def config_from_dict(data: dict[str, Any], name: str = "config") -> Config:
             if key not in known:
                 raise EdgecellsError(f"{name}: unknown key {section}.{key}")
             where = f"{name}: {section}.{key}"
+            if (section, key) == ("camera", "pixel_size_um") and isinstance(value, str):
+                if value != AUTO:
+                    raise EdgecellsError(f'{where}: expected a number or "auto", got {value!r}')
+                sub.pixel_size_um = AUTO
+                continue
             default = getattr(sub, key)
             if default is None:
                 default = OPTIONAL_TYPES[key]

@@ -10,6 +10,8 @@ Each check gives one line: OK, WARN or FAIL, what was found and, when not OK, wh
   (see :func:`make_selftest`); ``pipeline``: the whole frame pipeline (quality, stain,
   detection, crops, inference) runs on a shipped sample frame.
 * ``camera``: the configured source opens and delivers a frame (with a time limit).
+* ``scale``: the pixel size estimated from the source's red cells (``edge/scale.py``);
+  WARN when it differs from the configured ``[camera] pixel_size_um`` by more than 10%.
 * ``disk``: free space where the results go.
 * ``system``: on a Raspberry Pi the CPU temperature and ``vcgencmd get_throttled``.
 
@@ -45,7 +47,8 @@ import numpy as np
 from edgecells.edge.errors import EdgecellsError
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
-GROUPS = ("backends", "config", "bundle", "camera", "disk", "system")
+GROUPS = ("backends", "config", "bundle", "camera", "scale", "disk", "system")
+SCALE_TOLERANCE = 0.10  # configured vs estimated pixel size: WARN beyond this
 SELFTEST_DIR = "selftest"
 
 
@@ -428,6 +431,39 @@ def check_camera(report: Report, uri: str, cfg: Any, timeout_s: float) -> None:
 # --------------------------------------------------------------------------- disk, system
 
 
+def check_scale(report: Report, uri: str, cfg: Any) -> None:
+    """Estimate the pixel size from the source's red cells and compare it with the
+    configured one (WARN beyond :data:`SCALE_TOLERANCE`)."""
+    from edgecells.edge.config import AUTO
+    from edgecells.edge.scale import estimate_from_source
+
+    try:
+        est = estimate_from_source(uri, cfg.camera, int(cfg.camera.scale_frames))
+    except EdgecellsError as exc:
+        report.add("scale", WARN, str(exc), "measure the pixel size with a stage micrometer")
+        return
+    found = (
+        f"red cells: {est.pixel_size_um:.4f} um/px ({est.low_um:.4f}-{est.high_um:.4f}, "
+        f"{est.cells} cells in {est.frames} frames)"
+    )
+    configured = cfg.camera.pixel_size_um
+    if configured == AUTO:
+        report.add("scale", OK, f'{found}; configured "auto"')
+        return
+    diff = est.pixel_size_um / float(configured) - 1
+    found += f"; configured {float(configured):.4f} ({diff:+.0%})"
+    if abs(diff) > SCALE_TOLERANCE:
+        report.add(
+            "scale",
+            WARN,
+            found,
+            "check [camera] pixel_size_um with a stage micrometer (the estimate assumes "
+            "normal 7.5 um red cells; anaemias change their size)",
+        )
+    else:
+        report.add("scale", OK, found)
+
+
 def check_disk(report: Report, out: str, limits: Limits) -> None:
     p = Path(out or ".").absolute()
     while not p.exists() and p != p.parent:
@@ -561,6 +597,8 @@ def run_doctor(
         check_camera(
             report, source if source is not None else cfg.session.source, cfg, lim.camera_timeout_s
         )
+    if "scale" in groups:
+        check_scale(report, source if source is not None else cfg.session.source, cfg)
     if "disk" in groups:
         check_disk(report, cfg.session.out, lim)
     if "system" in groups:

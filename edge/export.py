@@ -7,8 +7,9 @@ Layout written (append-and-flush, like the session's other files)::
     DIR/<predicted class>/f000123_c02_x310_y205.png
     DIR/unidentified/...                 cells below min_confidence or contradicting the detector
 
-A crop is the square the device classified (``x, y, w, h`` in frame pixels, the same
-square ``cut_crop`` cuts), clipped to the frame: never resized, never padded. The frame's
+A crop is the square the device classified (``x, y, w, h`` in frame pixels here: the
+cell row's ``crop_x, crop_y, crop_side``, the same square ``cut_crop`` cuts), clipped
+to the frame: never resized, never padded. The frame's
 stain statistics and size are in the row, so :func:`device_input` later rebuilds the
 model input exactly as the device made it (reflection at the frame edge, normalization
 with the frame's statistics, resize). Moving a file to another class folder is the
@@ -100,7 +101,11 @@ class CropExporter:
         fh, fw = image.shape[:2]
         ok = bool(stats is not None and stats.ok)
         for c in cells:
-            x, y, w, h = int(c["x"]), int(c["y"]), int(c["w"]), int(c["h"])
+            if "crop_side" in c:  # the pipeline's rows: x, y, w, h is the cell's own box
+                x, y = int(c["crop_x"]), int(c["crop_y"])
+                w = h = int(c["crop_side"])
+            else:
+                x, y, w, h = int(c["x"]), int(c["y"]), int(c["w"]), int(c["h"])
             label = _SAFE.sub("_", str(c["label"])) or "unidentified"
             rel = f"{label}/{crop_name(frame, int(c['cell']), x, y)}"
             save_png(self.root / rel, clip_square(image, x, y, w, h))

@@ -13,10 +13,11 @@ from typing import Any
 import numpy as np
 
 from edgecells.edge.config import Config
-from edgecells.edge.detect import NUCLEATED, CellDetector, cut_crop
+from edgecells.edge.detect import NUCLEATED, CellDetector
+from edgecells.edge.errors import EdgecellsError
 from edgecells.edge.latency import LatencyStats
 from edgecells.edge.ood import calibrate, input_focus
-from edgecells.edge.preprocess import prepare_crop
+from edgecells.edge.preprocess import field_side_px, prepare_cell
 from edgecells.edge.quality import FrameQuality, QualityGate
 from edgecells.edge.screening import (
     NON_NUCLEATED,
@@ -68,6 +69,10 @@ class Pipeline:
         self.classes: list[str] = list(bundle.classes)
         self.abnormal_mask = np.asarray(bundle.abnormal_mask, dtype=bool)
         self.rule = ScreeningRule.from_bundle(bundle.thresholds, cfg.screening)
+        if isinstance(cfg.camera.pixel_size_um, str):  # "auto" not resolved by the caller
+            raise EdgecellsError(
+                'camera.pixel_size_um is "auto": estimate it first (edge.scale.resolve_pixel_size)'
+            )
         self.detector = CellDetector(cfg.detect, cfg.camera.pixel_size_um)
         self.gate = QualityGate(cfg.quality)
         self.target = bundle.load_stain_target()
@@ -76,18 +81,21 @@ class Pipeline:
             from edgecells.edge.stain import ReinhardNormalizer
 
             self.normalizer = ReinhardNormalizer(self.target)
-        crop = bundle.crop or {}
-        side_um = float(crop.get("side_um", 0) or 0)
-        self.crop_px = int(round(side_um / cfg.camera.pixel_size_um)) if side_um > 0 else 0
-        self.min_side_factor = float(crop.get("min_side_factor", 1.0) or 1.0)
+        # every cell is cut at the model's field (µm) and resampled from the camera's pixel
+        # size to the model's, then stain-normalized with the crop's own statistics: the
+        # same edge.preprocess.prepare_cell that training, calibration and evaluation use
         self.input_size = bundle.input_size
+        self.camera_px = float(cfg.camera.pixel_size_um)
+        self.model_px = float(bundle.pixel_size_um)
+        self.crop_px = field_side_px(self.input_size * self.model_px, self.camera_px)
         self.latency = LatencyStats()
 
     def abnormal_names(self) -> set[str]:
         return {c for c, a in zip(self.classes, self.abnormal_mask) if a}
 
     def crop_side(self, w: int, h: int) -> int:
-        return max(self.crop_px, int(round(self.min_side_factor * max(w, h))), 8)
+        """The crop's side in camera pixels: the model's field, whatever the cell's size."""
+        return self.crop_px
 
     def process(self, frame: Frame) -> tuple[FrameResult, np.ndarray | None]:
         """Run one frame (already captured; its capture time is added by the caller).
@@ -124,15 +132,10 @@ class Pipeline:
         s = self.input_size
         batch = np.empty((len(cells), s, s, 3), dtype=np.uint8)
         sides = [self.crop_side(c.w, c.h) for c in cells]
-        src, norm = img, self.normalizer
-        if norm is not None and stats is not None and sum(x * x for x in sides) > img.size // 3:
-            # crops cover more pixels than the frame: transform the frame once and cut the
-            # crops from it (identical pixels: transform_crop equals the same region of
-            # the frame transformed with the same statistics; per-pixel, so reflection too)
-            src, norm = norm.normalize(img, stats).image, None
         for i, c in enumerate(cells):
-            crop = cut_crop(src, c.cx, c.cy, sides[i])
-            batch[i] = prepare_crop(crop, norm, s, stats if norm is not None else None)
+            batch[i] = prepare_cell(
+                img, c.cx, c.cy, self.camera_px, s, self.model_px, self.normalizer
+            )
         p3 = time.perf_counter()
         t["crop"] = (p3 - p2) * 1000
         if len(cells):
@@ -159,10 +162,13 @@ class Pipeline:
                 {
                     "frame": frame.index,
                     "cell": i,
-                    "x": int(round(c.cx - side / 2)),
-                    "y": int(round(c.cy - side / 2)),
-                    "w": side,
-                    "h": side,
+                    "x": c.x,  # the detected cell's own box, full-frame pixels
+                    "y": c.y,
+                    "w": c.w,
+                    "h": c.h,
+                    "crop_x": int(round(c.cx - side / 2)),  # the square the classifier saw
+                    "crop_y": int(round(c.cy - side / 2)),
+                    "crop_side": side,
                     "kind": c.kind,
                     "label": labels[i],
                     "confidence": float(conf[i]),

@@ -58,6 +58,9 @@ CELL_FIELDS = (
     "y",
     "w",
     "h",
+    "crop_x",
+    "crop_y",
+    "crop_side",
     "kind",
     "label",
     "confidence",
@@ -168,7 +171,8 @@ def rewrite_csv(path: Path, fields: tuple[str, ...], rows: list[dict[str, Any]])
 def annotate_frame(
     frame: np.ndarray, cells: list[dict[str, Any]], classes: list[str]
 ) -> np.ndarray:
-    """A copy of the frame with boxes coloured by class and short labels."""
+    """A copy of the frame with each detected cell's own box (``x, y, w, h``; not the
+    crop square) coloured by class and short labels."""
     img = np.ascontiguousarray(frame.copy())
     for c in cells:
         label = c["label"]
@@ -202,13 +206,18 @@ def save_png(path: Path, image: np.ndarray) -> None:
 def cell_box(cell: dict[str, Any], shape: tuple[int, ...]) -> tuple[int, int, int, int]:
     """The region to show for a cell, ``(x0, y0, x1, y1)`` clipped to a frame of ``shape``.
 
-    The detected cell's own box (``box_x/box_y/box_w/box_h``, with a quarter of its
-    larger side as margin) when the row has one, else the classifier's crop square
-    (``x/y/w/h``); either is cut from the frame itself, never padded or mirrored."""
+    The detected cell's own box, with a quarter of its larger side as margin: ``x/y/w/h``
+    in rows that carry the crop square separately (``crop_x/crop_y/crop_side``, the
+    pipeline's rows), or ``box_x/box_y/box_w/box_h``; else (older rows) the classifier's
+    crop square ``x/y/w/h``. Cut from the frame itself, never padded or mirrored."""
     h_img, w_img = int(shape[0]), int(shape[1])
+    own = None
     if all(cell.get(k) not in (None, "") for k in ("box_x", "box_y", "box_w", "box_h")):
-        x, y = float(cell["box_x"]), float(cell["box_y"])
-        w, h = float(cell["box_w"]), float(cell["box_h"])
+        own = ("box_x", "box_y", "box_w", "box_h")
+    elif cell.get("crop_side") not in (None, ""):
+        own = ("x", "y", "w", "h")
+    if own is not None:
+        x, y, w, h = (float(cell[k]) for k in own)
         m = 0.25 * max(w, h)
         x, y, w, h = x - m, y - m, w + 2 * m, h + 2 * m
     else:

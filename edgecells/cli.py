@@ -46,7 +46,9 @@ COMMAND_MODULES = [
     "edgecells.commands.screen",
     "edgecells.commands.convert",
     "edgecells.commands.doctor",
+    "edgecells.commands.scale",
     "edgecells.commands.train",
+    "edgecells.commands.classify",
     "edgecells.commands.adapt",
 ]
 

@@ -20,7 +20,9 @@ PBC8 = [
 ABNORMAL = {"erythroblast", "ig"}
 
 
-def make_bundle(root: Path, size: int = 32, stain_target: dict | None = None) -> Path:
+def make_bundle(
+    root: Path, size: int = 32, stain_target: dict | None = None, pixel_size_um: float | None = None
+) -> Path:
     """Write a verified bundle (one ONNX float32 model) to ``root``; returns ``root``."""
     import onnx
     from onnx import TensorProto, helper
@@ -66,8 +68,11 @@ def make_bundle(root: Path, size: int = 32, stain_target: dict | None = None) ->
             "value_range": [0, 255],
             "stain_normalization": "reinhard-fixed-v1" if stain_target else "none",
             "resize": "area",
+            **({"pixel_size_um": pixel_size_um, "stats": "crop"} if pixel_size_um else {}),
         },
-        "crop": {"side_um": 24.0, "min_side_factor": 1.4, "training_side_px": 200},
+        "crop": {"side_um": round(size * pixel_size_um, 6)}
+        if pixel_size_um
+        else {"side_um": 24.0, "min_side_factor": 1.4, "training_side_px": 200},
         "thresholds": {
             "min_confidence": 0.05,
             "screening": {

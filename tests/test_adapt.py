@@ -71,13 +71,13 @@ def test_exported_crops_rebuild_the_device_input_exactly(tmp_path: Path) -> None
     norm = ReinhardNormalizer(b.load_stain_target())
     clipped = 0
     for c in cells:
-        name = crop_name(c["frame"], c["cell"], c["x"], c["y"])
+        name = crop_name(c["frame"], c["cell"], c["crop_x"], c["crop_y"])
         row = index[name]
         crop = read_image(out / row["file"])
         assert row["file"] == f"{c['label']}/{name}"
         # native resolution, clipped to the frame, never padded or resized
         fh, fw = int(row["frame_h"]), int(row["frame_w"])
-        x, y, w = c["x"], c["y"], c["w"]
+        x, y, w = c["crop_x"], c["crop_y"], c["crop_side"]  # the square classified
         assert crop.shape[:2] == (min(fh, y + w) - max(0, y), min(fw, x + w) - max(0, x))
         clipped += crop.shape[:2] != (w, w)
         assert np.array_equal(device_input(crop, row, norm, b.input_size), c["input"])

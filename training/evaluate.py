@@ -38,6 +38,7 @@ class LoadedModel:
     target: StainTarget | None
     operating_point: float | None
     predictor: Any  # callable(np.ndarray uint8) -> np.ndarray probabilities
+    pixel_size_um: float | None = None  # the model's input pixel size (None: legacy model)
 
 
 @dataclass
@@ -81,9 +82,11 @@ def load_keras_model(path: Path, batch: int = 256) -> LoadedModel:
         StainTarget.load(folder / "target.json") if (folder / "target.json").is_file() else None
     )
     op = None
+    px = None
     if (folder / "metrics.json").is_file():
         m = _read_json(folder / "metrics.json")
         op = m.get("operating_point") if isinstance(m, dict) else None
+        px = m.get("preprocess", {}).get("pixel_size_um") if isinstance(m, dict) else None
         stain = isinstance(m, dict) and m.get("config", {}).get("stain", False)
         if stain and target is None:
             raise EdgecellsError(
@@ -98,7 +101,7 @@ def load_keras_model(path: Path, batch: int = 256) -> LoadedModel:
         ]
         return np.concatenate(out) if out else np.zeros((0, mapping.num_classes))
 
-    return LoadedModel("keras", int(shape[1]), mapping, target, op, predict)
+    return LoadedModel("keras", int(shape[1]), mapping, target, op, predict, px)
 
 
 def load_bundle_model(
@@ -114,7 +117,13 @@ def load_bundle_model(
     op = th.get("operating_point", (b.validation or {}).get("classifier_operating_point"))
     kind = f"bundle:{getattr(getattr(clf, 'model', None), 'id', backend)}"
     return LoadedModel(
-        kind, b.input_size, b.class_mapping(), b.load_stain_target(), op, clf.predict
+        kind,
+        b.input_size,
+        b.class_mapping(),
+        b.load_stain_target(),
+        op,
+        clf.predict,
+        b.preprocessing.get("pixel_size_um"),
     )
 
 
@@ -145,11 +154,26 @@ def evaluate_classifier(
     cache_dir: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
     seed: int = 0,
+    pixel_size_um: float | None = None,
 ) -> Evaluation:
-    """Score ``model`` on ``split`` of ``data`` with the model's own preprocessing."""
+    """Score ``model`` on ``split`` of ``data`` with the model's own preprocessing.
+
+    ``pixel_size_um``: the images' pixel size (default: the data set's measured value,
+    :mod:`edgecells.calibration.pixel_sizes`); each image is cut at the model's field and
+    resampled to its pixel size, as on the device.
+    """
     lm = load_model(model, backend, precision)
     dataset = load_dataset(data, mapping=lm.mapping, seed=seed)
-    loaded = load_split(dataset, split, lm.size, lm.target, cache_dir, progress)
+    loaded = load_split(
+        dataset,
+        split,
+        lm.size,
+        lm.target,
+        cache_dir,
+        progress,
+        model_pixel_um=lm.pixel_size_um,
+        pixel_size_um=pixel_size_um,
+    )
     if len(loaded.x) == 0:
         raise EdgecellsError(f"{data}: split {split!r} has no readable images")
     t0 = time.perf_counter()
@@ -170,6 +194,8 @@ def evaluate_classifier(
             "model": str(model),
             "model_kind": lm.kind,
             "input_size": lm.size,
+            "model_pixel_size_um": lm.pixel_size_um,
+            "image_pixel_size_um": pixel_size_um,
             "stain_normalization": lm.target is not None,
             "skipped": [{"path": p, "reason": r} for p, r in dataset.missing + loaded.skipped],
         }

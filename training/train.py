@@ -29,17 +29,19 @@ from typing import Any
 
 import numpy as np
 
+from edgecells.calibration.cellsets import CellRecord, cell_records, prepare_records
 from edgecells.calibration.datasets import (
+    SPLITS,
     CellDataset,
     LoadedSplit,
     fit_stain_target,
     load_dataset,
-    load_split,
 )
 from edgecells.edge.errors import EdgecellsError
 from edgecells.edge.mappings import ClassMapping, load_mapping
 from edgecells.edge.metrics import choose_operating_point, evaluate_probabilities
-from edgecells.edge.preprocess import PREPROCESS_VERSION
+from edgecells.edge.preprocess import PREPROCESS_VERSION, STATS_SOURCE
+from edgecells.training.augment import ColourAugment, augmented_variants
 from edgecells.training.model import ARCH_NAME, ArchConfig, build_classifier, model_summary
 
 TARGET_FILE = "target.json"
@@ -54,13 +56,15 @@ class AugmentConfig:
 
     dihedral: bool = True  # flips and 90-degree rotations
     rotate_deg: float = 45.0  # free rotation on top of the dihedral group
-    scale: float = 0.10
-    translate: float = 0.06  # fraction of the image size
-    brightness: float = 0.08  # fraction of 255
-    contrast: float = 0.15
-    saturation: float = 0.15
-    hue_deg: float = 8.0
-    channel_gain: float = 0.06  # per-channel gain: a crude stain-intensity jitter
+    scale: float = 0.05  # on top of the field scale jitter done before normalization
+    translate: float = 0.04  # fraction of the image size
+    # colour jitter after normalization: off by default (colour augmentation happens before
+    # the stain normalization, training/augment.py, as the device would see it)
+    brightness: float = 0.0  # fraction of 255
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue_deg: float = 0.0
+    channel_gain: float = 0.0  # per-channel gain
 
 
 @dataclass
@@ -79,12 +83,19 @@ class TrainConfig:
     min_sensitivity: float = 0.98  # operating point: this sensitivity on val, best specificity
     mapping: str = "pbc8"
     max_steps: int | None = None  # cap steps per epoch (smoke tests)
+    init: str | None = None  # start from this .keras model's weights (same architecture)
+    pixel_size_um: float = 0.3125  # the model's input pixel size: 64 px x 0.3125 = 20 µm field
+    variants: int = 4  # pre-normalization augmented variants per primary training cell
+    extra_variants: int = 12  # ... per cell of the other microscopes (fewer cells)
+    extra_per_epoch: int = 1500  # draws per epoch from each other microscope's train split
     arch: ArchConfig = field(default_factory=ArchConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    colour: ColourAugment = field(default_factory=ColourAugment)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["arch"] = self.arch.to_dict()
+        d["colour"] = self.colour.to_dict()
         return d
 
 
@@ -249,6 +260,29 @@ def _check_splits(dataset: CellDataset, loaded: dict[str, LoadedSplit]) -> None:
             raise EdgecellsError(f"{dataset.root}: the {name} split has no readable images")
 
 
+def _records(
+    data: str | os.PathLike[str], mapping: ClassMapping, cfg: TrainConfig
+) -> list[CellRecord]:
+    return cell_records(data, mapping, None)
+
+
+def _epoch_indices(
+    sources: list[np.ndarray], per_extra: int, k: list[int], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(source, record, variant) indices of one epoch: every record of the first source
+    once, each further source drawn ``per_extra`` times (oversampled when small)."""
+    src, rec, var = [], [], []
+    for si, idx in enumerate(sources):
+        if si == 0 or len(idx) == 0:
+            pick = idx
+        else:
+            pick = rng.choice(idx, size=max(per_extra, len(idx)), replace=len(idx) < per_extra)
+        src.append(np.full(len(pick), si))
+        rec.append(pick)
+        var.append(rng.integers(0, k[si], len(pick)))
+    return np.concatenate(src), np.concatenate(rec), np.concatenate(var)
+
+
 def train(
     data: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -256,8 +290,16 @@ def train(
     cache_dir: str | os.PathLike[str] | None = None,
     progress: TrainProgress | None = None,
     mapping: ClassMapping | None = None,
+    extra_data: list[str | os.PathLike[str]] | None = None,
 ) -> TrainResult:
-    """Train, checkpoint the best epoch to ``out`` (.keras) and write the side files."""
+    """Train, checkpoint the best epoch to ``out`` (.keras) and write the side files.
+
+    ``data`` is the primary set (every class; PBC); ``extra_data`` are other microscopes'
+    labelled cells (e.g. DeepBioNet, LISC), whose *training* splits are mixed in and whose
+    validation splits take part in choosing the best epoch. Every cell goes through
+    :func:`edgecells.edge.preprocess.prepare_cell` at ``cfg.pixel_size_um`` (the model's
+    pixel size) from its data set's measured pixel size.
+    """
     cfg = cfg or TrainConfig()
     progress = progress or TrainProgress()
     out_path = Path(out)
@@ -268,6 +310,9 @@ def train(
     dataset = load_dataset(data, mapping=mapping, seed=cfg.seed)
     out_dir = out_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
+    roots = [Path(data)] + [Path(d) for d in (extra_data or [])]
+    recs = [_records(r, mapping, cfg) for r in roots]
+    names = [r.resolve().name for r in roots]
 
     skipped: list[tuple[str, str]] = list(dataset.missing)
     target = None
@@ -277,22 +322,50 @@ def train(
             dataset, "train", cache_dir, progress.stage("fit stain target", n_train)
         )
         skipped += sk
-    loaded: dict[str, LoadedSplit] = {}
-    for split in ("train", "val", "test"):
-        n = len(dataset.split(split))
-        loaded[split] = load_split(
-            dataset, split, cfg.size, target, cache_dir, progress.stage(f"preprocess {split}", n)
+    size, mpx = cfg.size, cfg.pixel_size_um
+    split_recs = {
+        (n, s): [r for r in rs if r.split == s] for n, rs in zip(names, recs) for s in SPLITS
+    }
+    train_recs = [split_recs[(n, "train")] for n in names]
+    pools = []
+    for i, tr_recs in enumerate(train_recs):
+        k = cfg.variants if i == 0 else cfg.extra_variants
+        bar = progress.stage(f"augment {names[i]} train x{k}", None)
+        pools.append(
+            augmented_variants(tr_recs, k, size, mpx, target, cfg.colour, cfg.seed + i, cache_dir)
         )
-        skipped += [s for s in loaded[split].skipped if s not in skipped]
-    _check_splits(dataset, loaded)
+        if bar:
+            bar(1)
+    y_train = [np.array([mapping.classes.index(r.label) for r in rs]) for rs in train_recs]
+    evals: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+    for n in names:
+        for s in ("val", "test"):
+            if split_recs[(n, s)]:
+                evals[(n, s)] = prepare_records(
+                    split_recs[(n, s)], mapping.classes, size, mpx, target, cache_dir
+                )
+    if (names[0], "val") not in evals or not len(train_recs[0]):
+        raise EdgecellsError(f"{dataset.root}: the train and val splits need readable images")
 
     import keras
 
     set_determinism(cfg.seed)
     nc = mapping.num_classes
-    model = build_classifier(nc, cfg.size, cfg.arch)
-    tr, va = loaded["train"], loaded["val"]
-    steps = max(1, len(tr.x) // cfg.batch) if len(tr.x) >= cfg.batch else 1
+    model = build_classifier(nc, size, cfg.arch)
+    if cfg.init:
+        try:
+            init_model = keras.models.load_model(cfg.init, compile=False)
+            model.set_weights(init_model.get_weights())
+        except Exception as exc:  # noqa: BLE001 - any mismatch is a bad --init model
+            raise EdgecellsError(
+                f"{cfg.init}: cannot start from this model ({type(exc).__name__}: it must be "
+                f"a .keras classifier of the same architecture, {size} px, {nc} classes)"
+            ) from None
+    rng = np.random.default_rng(cfg.seed)
+    n_epoch = len(train_recs[0]) + sum(
+        max(cfg.extra_per_epoch, len(t)) for t in train_recs[1:] if len(t)
+    )
+    steps = max(1, n_epoch // cfg.batch)
     if cfg.max_steps:
         steps = min(steps, cfg.max_steps)
     model.compile(
@@ -302,35 +375,60 @@ def train(
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
         metrics=["accuracy"],
     )
-    train_ds = make_train_dataset(tr.x, tr.y, nc, cfg).repeat()
-    val_ds = make_eval_dataset(va.x, va.y, nc, 256)
-
     log_path = out_dir / LOG_FILE
     tmp_best = out_dir / f".{out_path.stem}.best.keras"
-    best = {"val_accuracy": -1.0, "epoch": -1}
+    best = {"score": -1.0, "epoch": -1}
     bar = progress.stage("train", cfg.epochs * steps)
+    ks = [p.shape[1] for p in pools]
+    idx_all = [np.arange(len(t)) for t in train_recs]
+    log_rows: list[dict[str, float]] = []
 
-    class _Cb(keras.callbacks.Callback):
+    class _Bar(keras.callbacks.Callback):
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
             if bar:
                 bar(1)
 
-        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-            logs = {k: float(v) for k, v in (logs or {}).items()}
-            improved = logs.get("val_accuracy", -1.0) > best["val_accuracy"]
-            if improved:
-                best.update(val_accuracy=logs["val_accuracy"], epoch=epoch + 1)
-                self.model.save(tmp_best)
-            progress.epoch_end(epoch + 1, logs, improved)
-
-    model.fit(
-        train_ds,
-        epochs=cfg.epochs,
-        steps_per_epoch=steps,
-        validation_data=val_ds,
-        callbacks=[keras.callbacks.CSVLogger(str(log_path)), _Cb()],
-        verbose=0,
-    )
+    for epoch in range(cfg.epochs):
+        s_i, r_i, v_i = _epoch_indices(idx_all, cfg.extra_per_epoch, ks, rng)
+        x_ep = np.empty((len(s_i), size, size, 3), np.uint8)
+        y_ep = np.empty(len(s_i), np.int64)
+        for si in range(len(pools)):
+            m = s_i == si
+            x_ep[m] = pools[si][r_i[m], v_i[m]]
+            y_ep[m] = y_train[si][r_i[m]]
+        ecfg = TrainConfig(**{**cfg.__dict__, "seed": cfg.seed * 1000 + epoch})
+        ds = make_train_dataset(x_ep, y_ep, nc, ecfg).repeat()
+        hist = model.fit(
+            ds,
+            epochs=epoch + 1,
+            initial_epoch=epoch,
+            steps_per_epoch=steps,
+            verbose=0,
+            callbacks=[_Bar()],
+        )
+        logs = {k: float(v[-1]) for k, v in hist.history.items()}
+        accs = []
+        for n in names:
+            if (n, "val") in evals:
+                xv, yv = evals[(n, "val")]
+                pv, _ = predict_probs(model, xv)
+                a = float((pv.argmax(1) == yv).mean())
+                logs[f"val_acc_{n}"] = a
+                accs.append(a)
+        logs["val_score"] = float(np.mean(accs))
+        logs["val_accuracy"] = logs[f"val_acc_{names[0]}"]
+        logs["epoch"] = epoch + 1
+        log_rows.append(logs)
+        with log_path.open("w", encoding="utf-8") as fh:
+            cols = list(log_rows[-1].keys())
+            fh.write(",".join(cols) + "\n")
+            for row in log_rows:
+                fh.write(",".join(f"{row.get(c, float('nan')):.6g}" for c in cols) + "\n")
+        improved = logs["val_score"] > best["score"]
+        if improved:
+            best.update(score=logs["val_score"], epoch=epoch + 1)
+            model.save(tmp_best)
+        progress.epoch_end(epoch + 1, logs, improved)
     best_model = keras.models.load_model(tmp_best, compile=False)
     best_model.save(out_path)  # inference-only file: no optimizer state
     tmp_best.unlink(missing_ok=True)
@@ -341,10 +439,11 @@ def train(
     else:
         (out_dir / TARGET_FILE).unlink(missing_ok=True)
 
-    # operating point from validation, then test metrics at it
+    # operating point from the primary set's validation split, then test metrics at it
     ab = mapping.abnormal_indices
-    pv, _ = predict_probs(best_model, va.x)
-    y_bin_val = np.isin(va.y, ab)
+    xv, yv = evals[(names[0], "val")]
+    pv, _ = predict_probs(best_model, xv)
+    y_bin_val = np.isin(yv, ab)
     score_val = pv[:, ab].sum(axis=1)
     if y_bin_val.any() and (~y_bin_val).any():
         op = choose_operating_point(y_bin_val, score_val, cfg.min_sensitivity)
@@ -353,33 +452,50 @@ def train(
         op = 0.5
         op_rule = "0.5 (validation split lacks normal or abnormal cells)"
     results: dict[str, Any] = {}
-    for split in ("val", "test"):
-        d = loaded[split]
-        if len(d.x) == 0:
-            continue
-        probs, ms = predict_probs(best_model, d.x)
-        results[split] = evaluate_probabilities(d.y, probs, mapping.classes, ab, op, ms).to_dict()
-
+    per_source: dict[str, Any] = {}
+    for (n, split), (xs, ys) in evals.items():
+        probs, ms = predict_probs(best_model, xs)
+        r = evaluate_probabilities(ys, probs, mapping.classes, ab, op, ms).to_dict()
+        if n == names[0]:
+            results[split] = r
+        per_source.setdefault(n, {})[split] = {
+            "n": int(len(ys)),
+            "accuracy": float((probs.argmax(1) == ys).mean()),
+            "normal_called_abnormal": float(
+                (np.isin(probs.argmax(1), ab) & ~np.isin(ys, ab)).sum()
+                / max(1, (~np.isin(ys, ab)).sum())
+            ),
+        }
     metrics = {
         "model": out_path.name,
         "arch": ARCH_NAME,
         "summary": model_summary(best_model),
         "config": cfg.to_dict(),
         "preprocess": {
-            "function": "edgecells.edge.preprocess.prepare_crop",
+            "function": "edgecells.edge.preprocess.prepare_cell",
             "version": PREPROCESS_VERSION,
             "stain_normalization": "reinhard-fixed (target.json)" if cfg.stain else "none",
+            "stats": STATS_SOURCE,
             "input": "RGB float32 in [0, 255]",
             "size": cfg.size,
+            "pixel_size_um": cfg.pixel_size_um,
+            "side_um": round(cfg.size * cfg.pixel_size_um, 4),
         },
         "data": {
             "root": dataset.root.name,
-            "layout": dataset.layout,
-            "counts": {s: len(loaded[s].x) for s in loaded},
+            "sources": {
+                n: {
+                    "pixel_size_um": rs[0].pixel_size_um if rs else None,
+                    "counts": {sp: len(split_recs[(n, sp)]) for sp in SPLITS},
+                }
+                for n, rs in zip(names, recs)
+            },
             "skipped": [{"path": p, "reason": r} for p, r in skipped],
         },
         "mapping": mapping.name,
         "best_epoch": best["epoch"],
+        "best_rule": "highest mean validation accuracy over the sources with a val split",
+        "per_source": per_source,
         "operating_point": op,
         "operating_point_rule": op_rule,
         "seconds": round(time.time() - t_start, 1),

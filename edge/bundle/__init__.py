@@ -25,13 +25,18 @@ Manifest schema, version 1 (``manifest.json``, UTF-8 JSON object)::
         "channels": "RGB",
         "value_range": [0, 255],             # models take raw pixel values, scale inside
         "stain_normalization": "reinhard-fixed-v1" | "none",
-        "resize": "area"                     # cv2 interpolation used by edge/preprocess
+        "resize": "area",                    # cv2 interpolation used by edge/preprocess
+        "pixel_size_um": 0.3125,             # the model's input pixel size, um/px: every cell
+                                             #   is cut at input_size x pixel_size_um um and
+                                             #   resampled to it BEFORE stain normalization
+        "stats": "crop",                     # Reinhard statistics: the resampled crop's own
+        "function": "prepare_cell-v2"
       },
       "crop": {                              # how the device cuts a cell crop from a frame
-        "side_um": 24.0,                     # crop side in micrometres, when the frame's
-                                             #   scale (um per pixel) is known
-        "min_side_factor": 1.4,              # crop side >= this x the detected cell's box side
-        "training_side_px": 200              # side of the training crops (PBC: 200 px)
+        "side_um": 20.0                      # the model's field, um (= input_size x
+                                             #   pixel_size_um). Bundles without
+                                             #   preprocessing.pixel_size_um (before v0.x):
+                                             #   pixel size = side_um / input_size
       },
       "thresholds": {
         "min_confidence": 0.5,               # top-1 probability below this = "uncertain" cell

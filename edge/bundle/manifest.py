@@ -71,6 +71,7 @@ RANGES: list[Range] = [
     Range("thresholds.screening.confidence", "number", 0.5, 1.0, hi_open=True),
     Range("thresholds.screening.false_positive_rate", "number", 0.0, 1.0, hi_open=True),
     Range("crop.side_um", "number", 0.0, 500.0),  # 0 = no fixed physical side
+    Range("preprocessing.pixel_size_um", "number", 0.005, 10.0),  # model input, µm/px
     Range("crop.min_side_factor", "number", 0.5, 10.0),
     Range("crop.training_side_px", "int", 8, 4096),
     # abstention and the domain check (edge/ood.py; fitted by training/abstention.py)
@@ -260,6 +261,25 @@ class Bundle:
     @property
     def input_size(self) -> int:
         return int(self.preprocessing["input_size"])
+
+    @property
+    def pixel_size_um(self) -> float:
+        """The model's input pixel size, µm/px (older bundles: crop side_um / input_size)."""
+        px = self.preprocessing.get("pixel_size_um")
+        if px is None:
+            side = float(self.crop.get("side_um", 24.0) or 0.0)
+            if side <= 0:
+                raise EdgecellsError(
+                    f"{self.root / MANIFEST_NAME}: the bundle records no physical field "
+                    "(crop.side_um 0, no preprocessing.pixel_size_um); reconvert it"
+                )
+            return side / self.input_size
+        return float(px)
+
+    @property
+    def field_um(self) -> float:
+        """The model's field of view, µm (a cell is cut at this side)."""
+        return self.input_size * self.pixel_size_um
 
     @property
     def num_classes(self) -> int:
@@ -567,6 +587,15 @@ def parse_manifest(manifest: Any, mpath: str = MANIFEST_NAME) -> dict[str, Any]:
     if method != "none" and stain is None:
         raise EdgecellsError(f"{mpath}: stain_normalization {method!r} but no stain_target")
     crop = _req(manifest, "crop", dict, mpath)
+    px = pre.get("pixel_size_um")
+    side = crop.get("side_um")
+    check_ranges({"preprocessing": pre, "crop": crop}, mpath)  # types before arithmetic
+    if px is not None and side is not None and abs(side - px * size) > 0.01 * side:
+        raise EdgecellsError(
+            f"{mpath}: crop.side_um ({side}) must equal input_size x pixel_size_um ({size} x {px})"
+        )
+    if pre.get("stats", "crop") != "crop":
+        raise EdgecellsError(f'{mpath}: preprocessing.stats must be "crop"')
     thresholds = _req(manifest, "thresholds", dict, mpath)
     screening = thresholds.get("screening", {})
     if screening is not None and not isinstance(screening, dict):

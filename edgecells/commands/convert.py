@@ -47,6 +47,16 @@ def calibrate(
     mapping: str = typer.Option("pbc8", "--mapping", help="Class mapping preset or JSON file."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     no_stain: bool = typer.Option(False, "--no-stain", help="Skip stain normalization."),
+    pixel_size: float | None = typer.Option(
+        None,
+        "--pixel-size",
+        help="The model's input pixel size, µm/px (training's metrics.json "
+        "preprocess.pixel_size_um; the reference model: 0.3125). Omit only for models "
+        "trained before physical scale (centre square of the image).",
+    ),
+    data_pixel_size: float | None = typer.Option(
+        None, "--data-pixel-size", help="The data's pixel size, µm/px (default: measured)."
+    ),
     coverage: bool = typer.Option(
         True, "--coverage/--no-coverage", help="Compare with the validation split's statistics."
     ),
@@ -86,11 +96,21 @@ def calibrate(
             seed=seed,
             mapping=cmap,
             progress=lambda k: bar.advance(task, k),
+            model_pixel_um=pixel_size,
+            pixel_size_um=data_pixel_size,
         )
     report = None
     if coverage:
         try:
-            val = validation_images(data, target, size, seed=seed, mapping=cmap)
+            val = validation_images(
+                data,
+                target,
+                size,
+                seed=seed,
+                mapping=cmap,
+                model_pixel_um=pixel_size,
+                pixel_size_um=data_pixel_size,
+            )
             report = coverage_check(cs, val)
             cs.manifest["coverage"] = report.to_dict()
         except EdgecellsError as exc:
@@ -128,14 +148,21 @@ def calibrate(
 
 
 def _validation_data(
-    path: Path, mapping: Any, size: int, target: Any, split: str
+    path: Path, mapping: Any, size: int, target: Any, split: str, model_pixel_um: Any = None
 ) -> tuple[Any, Any, str]:
     from edgecells.calibration.datasets import load_dataset, load_split
 
     ds = load_dataset(path, mapping=mapping)
     with _progress() as bar:
         t = bar.add_task(f"reading {split} split", total=len(ds.split(split)))
-        loaded = load_split(ds, split, size, target, progress=lambda k: bar.advance(t, k))
+        loaded = load_split(
+            ds,
+            split,
+            size,
+            target,
+            progress=lambda k: bar.advance(t, k),
+            model_pixel_um=model_pixel_um,
+        )
     if loaded.x.shape[0] == 0:
         raise EdgecellsError(f"{path}: the {split} split has no readable images")
     return loaded.x, loaded.y, f"{path.name} {split} split ({loaded.x.shape[0]} images)"
@@ -247,6 +274,7 @@ def convert(
                 source.input_size,
                 target,
                 validate_split,
+                calib.manifest.get("preprocessing", {}).get("pixel_size_um"),
             )
         step(f"converting {fmts[0]}")
         result = pipeline.convert_model(

@@ -94,6 +94,13 @@ def screen(
     cfg, b, clf = _setup(config, source, bundle, backend, threads)
     out_path = out_dir if out_dir is not None else Path(cfg.session.out)
     n = frames if frames is not None else cfg.session.frames
+    from edgecells.edge.scale import resolve_pixel_size
+
+    try:
+        scale_info = resolve_pixel_size(cfg)  # "auto": estimated from the first frames
+    except EdgecellsError:
+        clf.close()
+        raise
     info = {
         "source": cfg.session.source or "samples",
         "bundle": str(b.source or b.root),
@@ -101,7 +108,7 @@ def screen(
         "signature": b.signature.get("status", ""),
         "backend": clf.backend,
         "threads": cfg.inference.threads,
-        "pixel_size_um": cfg.camera.pixel_size_um,
+        **scale_info,
     }
     if cfg.quality.domain_check:
         info.update(_pixel_size_estimate(cfg))
@@ -217,6 +224,7 @@ def profile(
     """Per-stage latency (p50/p95/p99), frames/s, cells/s and peak memory."""
     from edgecells.edge.profiling import profile_run
     from edgecells.edge.report import warmup_line
+    from edgecells.edge.scale import resolve_pixel_size
 
     if frames < 1:
         raise EdgecellsError(f"--frames must be >= 1, got {frames}")
@@ -227,6 +235,11 @@ def profile(
                 results.append(_profile_zoo(zoo, be, th, frames, source, config))
                 continue
             cfg, b, clf = _setup(config, source, bundle, be, th)
+            try:
+                resolve_pixel_size(cfg)
+            except EdgecellsError:
+                clf.close()
+                raise
             try:
                 with progress(as_json) as bar:
                     task = bar.add_task(f"{clf.backend} x{th}", total=frames)
@@ -313,10 +326,13 @@ def evaluate_detector(
         None, "--list", help="Only the frames named in this file (e.g. ImageSets/Main/test.txt)."
     ),
     config: Path | None = typer.Option(None, "--config", "-c", help="config.toml."),
+    pixel_size: float | None = typer.Option(
+        None, "--pixel-size", help="Frames' um/px (default: config's [camera] pixel_size_um)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON."),
 ) -> None:
     """Score the cell detector against Pascal VOC boxes (centre-in-box, one-to-one)."""
-    from edgecells.edge.config import load_config
+    from edgecells.edge.config import AUTO, load_config
     from edgecells.edge.detect import NUCLEATED, PLATELET, CellDetector
     from edgecells.edge.imageio import list_images, read_image
     from edgecells.training.detection import (
@@ -328,7 +344,16 @@ def evaluate_detector(
     )
 
     cfg = load_config(config)
-    det = CellDetector(cfg.detect, cfg.camera.pixel_size_um)
+    if pixel_size is not None:
+        if not pixel_size > 0:
+            raise EdgecellsError(f"--pixel-size must be > 0 um/px, got {pixel_size}")
+        cfg.camera.pixel_size_um = pixel_size
+    if cfg.camera.pixel_size_um == AUTO:
+        raise EdgecellsError(
+            'evaluate detector: [camera] pixel_size_um = "auto"; give --pixel-size '
+            "(calibration/pixel_sizes.py has the data sets' values)"
+        )
+    det = CellDetector(cfg.detect, float(cfg.camera.pixel_size_um))
     if not annotations.is_dir():
         raise EdgecellsError(f"{annotations}: no such annotation folder")
     files = list_images(frames_dir)

@@ -54,11 +54,39 @@ def train_cmd(
     max_steps: int | None = typer.Option(
         None, "--max-steps", min=1, help="Cap steps per epoch (quick trials)."
     ),
+    extra_data: list[Path] = typer.Option(
+        [],
+        "--extra-data",
+        help="Another microscope's labelled cells (repeatable): a crop folder with splits.csv "
+        "or VOC frames with wbc_subtypes.csv; its train split is mixed in, its val split "
+        "helps choose the best epoch.",
+    ),
+    no_colour: bool = typer.Option(
+        False, "--no-colour", help="No stain/colour/optics augmentation (for comparison)."
+    ),
+    pixel_size: float = typer.Option(
+        0.3125,
+        "--pixel-size",
+        min=0.01,
+        max=5.0,
+        help="The model's input pixel size, µm/px (field = size x pixel size).",
+    ),
+    variants: int = typer.Option(
+        4, "--variants", min=1, max=32, help="Augmented variants per training cell."
+    ),
+    init: Path | None = typer.Option(
+        None, "--init", help="Start from this .keras model's weights (same architecture)."
+    ),
+    learning_rate: float = typer.Option(
+        3e-3, "--lr", min=1e-6, max=1.0, help="Peak learning rate."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ) -> None:
-    """Train the cell classifier from scratch; best epoch (val accuracy) kept."""
+    """Train the cell classifier from scratch; best epoch (mean val accuracy over the data
+    sets) kept."""
     _quiet_tf()
     from edgecells.edge.mappings import load_mapping
+    from edgecells.training.augment import ColourAugment
     from edgecells.training.train import TrainConfig, TrainProgress, train
 
     cfg = TrainConfig(
@@ -69,6 +97,11 @@ def train_cmd(
         stain=not no_stain,
         mapping=mapping,
         max_steps=max_steps,
+        pixel_size_um=pixel_size,
+        variants=variants,
+        init=str(init) if init else None,
+        learning_rate=learning_rate,
+        colour=ColourAugment(enabled=not no_colour),
     )
     cmap = load_mapping(mapping)
     with progress(remaining=True, keep=True) as bar:
@@ -82,11 +115,22 @@ def train_cmd(
                 bar.console.print(
                     f"epoch {epoch}/{epochs}: loss {logs.get('loss', float('nan')):.4f} "
                     f"acc {logs.get('accuracy', float('nan')):.4f} "
-                    f"val_acc {logs.get('val_accuracy', float('nan')):.4f}"
+                    f"val_acc {logs.get('val_accuracy', float('nan')):.4f} "
+                    + " ".join(
+                        f"{k[8:]} {v:.4f}" for k, v in logs.items() if k.startswith("val_acc_")
+                    )
                     + (" [green]best, saved[/]" if best else "")
                 )
 
-        result = train(data, out_path, cfg, cache_dir=cache, progress=_P(), mapping=cmap)
+        result = train(
+            data,
+            out_path,
+            cfg,
+            cache_dir=cache,
+            progress=_P(),
+            mapping=cmap,
+            extra_data=list(extra_data),
+        )
     _report_skipped(result.skipped)
     m = result.metrics
     if as_json:
@@ -133,6 +177,12 @@ def evaluate_classifier_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of the split for class-folder data."),
     cache: Path | None = typer.Option(None, "--cache", help="Cache folder."),
     plot: Path | None = typer.Option(None, "--plot", help="Write confusion matrix + ROC PNG."),
+    pixel_size: float | None = typer.Option(
+        None,
+        "--pixel-size",
+        help="The images' pixel size, µm/px (default: the data set's measured value for "
+        "pbc, lisc, ...). Each image is cut at the model's field and resampled.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ) -> None:
     """Accuracy, balanced accuracy, abnormal AUC/sensitivity/specificity, per class."""
@@ -151,6 +201,7 @@ def evaluate_classifier_cmd(
             cache_dir=cache,
             progress=lambda n: bar.advance(task, n),
             seed=seed,
+            pixel_size_um=pixel_size,
         )
     _report_skipped(ev.skipped)
     if plot is not None:
