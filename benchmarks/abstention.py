@@ -37,10 +37,11 @@ from edgecells.edge.screening import (
 )
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-BCCD_PX_UM = 0.0725  # median red-cell box 103.5 px = 7.5 um (shared/PROBES.md)
+BCCD_PX_UM = 0.0721  # calibration/pixel_sizes.py
+PBC_PX_UM = 0.103
 
 
-def _labels(bundle, clf, crops: list[np.ndarray]) -> list[str]:
+def _labels(bundle, clf, crops: list[np.ndarray], pixel_um: float) -> list[str]:
     target = bundle.load_stain_target()
     norm = None
     if target is not None:
@@ -50,7 +51,11 @@ def _labels(bundle, clf, crops: list[np.ndarray]) -> list[str]:
     rule = ScreeningRule.from_bundle(bundle.thresholds)
     out: list[str] = []
     for i in range(0, len(crops), 64):
-        batch = np.stack([prepare_crop(c, norm, bundle.input_size) for c in crops[i : i + 64]])
+        model_px = bundle.preprocessing.get("pixel_size_um")  # the physical field, if any
+        px = pixel_um if model_px else None
+        batch = np.stack(
+            [prepare_crop(c, norm, bundle.input_size, px, model_px) for c in crops[i : i + 64]]
+        )
         probs = np.asarray(clf.predict(batch), dtype=np.float32)
         out += label_cells(
             probs, bundle.classes, rule.min_confidence, rule.temperature, rule.ood_threshold
@@ -104,20 +109,22 @@ def inputs(bundle_path: str | None, n: int) -> dict:
         ):
             continue
         crops.append(img[y : y + side, x : x + side])
-    res["bccd_background_crops"] = _rates(_labels(b, clf, crops), abnormal)
+    res["bccd_background_crops"] = _rates(_labels(b, clf, crops, BCCD_PX_UM), abnormal)
     # PBC test crops: clean, defocused, over-exposed
     with open(DATA / "pbc" / "splits.csv", newline="", encoding="utf-8") as fh:
         rows = [r for r in csv.DictReader(fh) if r["split"] == "test"]
     pick = rng.choice(len(rows), n, replace=False)
     pbc = [read_image(DATA / "pbc" / rows[i]["path"]) for i in pick]
     nuc = [rows[i]["label"] not in NON_NUCLEATED for i in pick]
-    res["pbc_test_clean"] = _rates(_labels(b, clf, pbc), abnormal)
+    res["pbc_test_clean"] = _rates(_labels(b, clf, pbc, PBC_PX_UM), abnormal)
     for sigma in (2.0, 4.0):
         blurred = [cv2.GaussianBlur(im, (0, 0), sigma) for im in pbc]
-        res[f"pbc_test_blur_sigma{sigma:g}px"] = _rates(_labels(b, clf, blurred), abnormal)
+        res[f"pbc_test_blur_sigma{sigma:g}px"] = _rates(
+            _labels(b, clf, blurred, PBC_PX_UM), abnormal
+        )
     for gain in (1.6, 2.2):
         bright = [np.clip(im.astype(np.float32) * gain, 0, 255).astype(np.uint8) for im in pbc]
-        res[f"pbc_test_exposure_x{gain:g}"] = _rates(_labels(b, clf, bright), abnormal)
+        res[f"pbc_test_exposure_x{gain:g}"] = _rates(_labels(b, clf, bright, PBC_PX_UM), abnormal)
     clf.close()
     res["note"] = (
         f"{n} crops each; PBC crops random from the test split ({sum(nuc)} nucleated); "
