@@ -192,28 +192,6 @@ def blame_layers(
         return [{"error": f"layer analysis failed: {exc}"}]
 
 
-def per_cell_rates(
-    probs: np.ndarray,
-    y: np.ndarray,
-    abnormal_mask: np.ndarray,
-    min_confidence: float,
-    source: str,
-) -> dict[str, Any]:
-    """The classifier's per-cell screening rates, for the flag rule (edge/screening.py):
-    ``false_positive_rate`` = normal cells called (confidently) abnormal, and
-    ``sensitivity`` = abnormal cells called (confidently) abnormal."""
-    pred = np.argmax(probs, axis=1)
-    confident = probs.max(axis=1) >= min_confidence
-    called = abnormal_mask[pred] & confident
-    truth = abnormal_mask[y]
-    normal_n, abnormal_n = int((~truth).sum()), int(truth.sum())
-    return {
-        "false_positive_rate": round(float(called[~truth].mean()), 5) if normal_n else 0.0,
-        "per_cell_sensitivity": round(float(called[truth].mean()), 5) if abnormal_n else None,
-        "rates_measured_on": f"{source} ({normal_n} normal, {abnormal_n} abnormal cells)",
-    }
-
-
 def _model_operating_point(model_path: Path) -> float | None:
     """The operating point `edgecells train` stored in metrics.json beside the model."""
     metrics = Path(model_path).parent / "metrics.json"
@@ -442,19 +420,6 @@ def convert_model(
     op = _model_operating_point(source.path)
     if op is not None:  # the abnormal-score threshold chosen at training (metrics.json)
         manifest["thresholds"]["operating_point"] = op
-    if held_out and int8_probs and task != "binary":  # rates only from held-out data
-        primary = next((f for f in ("tflite", "onnx", "openvino") if f in int8_probs), None)
-        screening = manifest["thresholds"].setdefault("screening", {})
-        screening.update(
-            per_cell_rates(
-                int8_probs[primary],
-                np.asarray(val_y),
-                np.asarray(bundle.abnormal_mask, dtype=bool),
-                float(manifest["thresholds"].get("min_confidence", 0.0)),
-                f"{primary}-int8 on {val_desc}",
-            )
-        )
-        report["screening_rates"] = {k: screening[k] for k in screening if "rate" in k}
     writer.write(out, manifest)
     if real_labels and val_y is not None and int8_probs and task != "binary":
         step("adding self-test samples")

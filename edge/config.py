@@ -88,6 +88,10 @@ Keys (section, key = default: meaning)::
                              # channels) = off-target stain (BCCD frames vs a PBC target:
                              # 0.47-0.83)
     empty_min_cells = 1      # fewer cells (nucleated + platelets + red) than this = empty
+    domain_check = true      # slide level: the flag is REVIEW when the slide's stain,
+                             # scale or cell focus lies outside the bundle's
+                             # thresholds.domain ranges; false only for a bundle adapted
+                             # to this microscope whose ranges are stale
 
     [screening]              # the flag rule (edge/screening.py); a key left out takes the
                              # value in the bundle's thresholds.screening /
@@ -96,8 +100,12 @@ Keys (section, key = default: meaning)::
                              # (bundle default 100, as a manual differential)
     threshold = 0.05         # abnormal-fraction threshold for POSITIVE
     confidence = 0.95        # one-sided confidence that the fraction exceeds the threshold
-    min_confidence = 0.5     # top-probability cut-off below which a cell is "unidentified"
+    min_confidence = 0.5     # calibrated top-probability cut-off below which a cell is
+                             # "unidentified"
     false_positive_rate = 0.02  # classifier's per-cell normal->abnormal rate
+    ood_threshold = 0.34     # out-of-distribution score (1 - calibrated top probability)
+                             # above which a cell is "unidentified" (bundle:
+                             # thresholds.ood.threshold, fitted on validation data)
 
     [bundle]
     trusted_keys = "/etc/edgecells/trusted-keys"   # folder (or file) of Ed25519 public
@@ -200,6 +208,7 @@ class QualityConfig:
     clipped_max: float = 0.05
     stain_max_distance: float = 2.0
     empty_min_cells: int = 1
+    domain_check: bool = True
 
 
 @dataclass
@@ -211,6 +220,7 @@ class ScreeningConfig:
     confidence: float | None = None
     min_confidence: float | None = None
     false_positive_rate: float | None = None
+    ood_threshold: float | None = None
 
 
 # type of the keys whose default is None ("the bundle's value")
@@ -220,6 +230,7 @@ OPTIONAL_TYPES: dict[str, Any] = {
     "confidence": 0.0,
     "min_confidence": 0.0,
     "false_positive_rate": 0.0,
+    "ood_threshold": 0.0,
 }
 
 
@@ -364,6 +375,10 @@ def _validate(cfg: Config, name: str) -> None:
         (
             _opt(c.screening.false_positive_rate, lambda v: 0 <= v < 1),
             "screening.false_positive_rate must be in [0, 1)",
+        ),
+        (
+            _opt(c.screening.ood_threshold, lambda v: 0 <= v <= 1),
+            "screening.ood_threshold must be in [0, 1]",
         ),
     ]
     for ok, msg in checks:

@@ -16,9 +16,15 @@ from edgecells.edge.config import Config
 from edgecells.edge.detect import NUCLEATED, CellDetector
 from edgecells.edge.errors import EdgecellsError
 from edgecells.edge.latency import LatencyStats
+from edgecells.edge.ood import calibrate, input_focus
 from edgecells.edge.preprocess import field_side_px, prepare_cell
 from edgecells.edge.quality import FrameQuality, QualityGate
-from edgecells.edge.screening import NON_NUCLEATED, UNIDENTIFIED, ScreeningRule, label_cells
+from edgecells.edge.screening import (
+    NON_NUCLEATED,
+    UNIDENTIFIED,
+    ScreeningRule,
+    label_and_confidence,
+)
 from edgecells.edge.sources.base import Frame
 
 log = logging.getLogger("edgecells.pipeline")
@@ -35,6 +41,10 @@ class FrameResult:
     red_cells: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     stain_stats: Any = None  # the frame's FrameStats the crops were normalized with
+    # domain statistics (edge/ood.py DomainCheck): the frame's stained-pixel L*a*b* mean,
+    # and the focus of each nucleated cell's model input
+    stain_mean: tuple[float, float, float] | None = None
+    focus: list[float] = field(default_factory=list)
 
 
 def agree_with_detector(labels: list[str], kinds: list[str]) -> list[str]:
@@ -134,11 +144,18 @@ class Pipeline:
             probs = np.zeros((0, len(self.classes)), dtype=np.float32)
         p4 = time.perf_counter()
         t["inference"] = (p4 - p3) * 1000
-        labels = agree_with_detector(
-            label_cells(probs, self.classes, self.rule.min_confidence), [c.kind for c in cells]
+        r = self.rule
+        raw_labels, conf = label_and_confidence(
+            probs, self.classes, r.min_confidence, r.temperature, r.ood_threshold
         )
-        conf = probs.max(axis=1) if len(probs) else np.zeros(0)
-        p_ab = probs[:, self.abnormal_mask].sum(axis=1) if len(probs) else np.zeros(0)
+        labels = agree_with_detector(raw_labels, [c.kind for c in cells])
+        cal = calibrate(probs, r.temperature)
+        p_ab = cal[:, self.abnormal_mask].sum(axis=1) if len(cal) else np.zeros(0)
+        if stats is not None and getattr(stats, "ok", False):
+            res.stain_mean = tuple(float(v) for v in stats.mean)  # type: ignore[assignment]
+        nuc = [i for i, c in enumerate(cells) if c.kind == NUCLEATED]
+        if nuc:
+            res.focus = [float(v) for v in input_focus(batch[nuc])]
         for i, c in enumerate(cells):
             side = sides[i]
             res.cells.append(

@@ -35,6 +35,7 @@ from edgecells.edge.config import Config
 from edgecells.edge.detect import NUCLEATED
 from edgecells.edge.errors import EdgecellsError
 from edgecells.edge.export import CropExporter
+from edgecells.edge.ood import DomainCheck
 from edgecells.edge.pipeline import FrameResult, Pipeline
 from edgecells.edge.quality import QualityTally
 from edgecells.edge.report import (
@@ -52,6 +53,7 @@ from edgecells.edge.report import (
     write_text_atomic,
 )
 from edgecells.edge.screening import (
+    INSUFFICIENT,
     UNIDENTIFIED,
     Tally,
 )
@@ -81,6 +83,8 @@ class Session:
         self.classes = self.pipe.classes
         abnormal = list(self.pipe.abnormal_mask)
         self.tally = Tally(self.classes, abnormal)
+        domain = bundle.thresholds.get("domain") if cfg.quality.domain_check else None
+        self.domain = DomainCheck(dict(domain or {}))
         self.quality = QualityTally()
         self.frames = 0
         self.next_index = 0
@@ -378,6 +382,8 @@ class Session:
         )
         if res.status != "ok":
             return
+        self.domain.add_frame(res.stain_mean)
+        self.domain.add_cells(res.focus)
         for c in res.cells:
             self.tally.add(c["label"])
             self.nucleated_found += c["kind"] == NUCLEATED
@@ -406,8 +412,28 @@ class Session:
 
     # ------------------------------------------------------------------ results
     def summary(self, final: bool = True) -> dict[str, Any]:
-        r = self.tally.result(self.pipe.rule)
+        px = self.cfg.camera.pixel_size_um
+        est = self.info.get("pixel_size_estimate_um")  # a session that estimates it
+        if est is None and isinstance(self.info.get("pixel_size_estimate"), dict):
+            est = self.info["pixel_size_estimate"].get("pixel_size_um")
+        if isinstance(est, int | float) and est > 0:
+            self.domain.pixel_size_estimate_um = float(est)
+        reasons = self.domain.verdict(px)
+        r = self.tally.result(self.pipe.rule, reasons)
+        skipped = sum(self.quality.failed.values()) + self.quality.unreadable
+        if r.flag == INSUFFICIENT and skipped:  # say why there were too few cells
+            why = ", ".join(f"{g} {k}" for g, k in self.quality.failed.items() if k)
+            if self.quality.unreadable:
+                why = ", ".join(x for x in (why, f"unreadable {self.quality.unreadable}") if x)
+            r.reason += f"; {skipped} of {self.frames} frames skipped ({why})"
         d = r.to_dict()
+        d["screening"] = {
+            "flag": r.flag,
+            "reason": r.reason,
+            "domain": self.domain.measurements(px),
+            "domain_reasons": reasons,
+            "unidentified_fraction": round(r.unidentified_fraction, 4),
+        }
         d["frames"] = self.frames
         d["quality"] = self.quality.to_dict()
         d["red_cells"] = self.red_cells

@@ -82,6 +82,9 @@ def test_each_format_converts_and_validates(work: dict, converted: tuple) -> Non
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout)
     assert res["passed"] and {f["format"] for f in res["formats"]} == {"tflite", "openvino", "onnx"}
+    # convert --validate fits the flag's thresholds on the val split; 8 fixture images
+    # are too few: a warning on stderr, the defaults kept, the JSON on stdout intact
+    assert "thresholds not fitted" in proc.stderr and "too few to fit" in proc.stderr
     b = load_bundle(out)
     for f in res["formats"]:
         v = f["validation"]
@@ -99,11 +102,9 @@ def test_each_format_converts_and_validates(work: dict, converted: tuple) -> Non
         assert clf.predict(np.zeros((3, SIZE, SIZE, 3), np.uint8)).shape == (3, 8)
     tfl = b.model("tflite")
     assert tfl.input.dtype == "int8" and tfl.input.zero_point == -128
-    # the screening rule gets the classifier's measured per-cell rates, not a default
-    screening = b.manifest["thresholds"]["screening"]
-    assert 0 <= screening["false_positive_rate"] <= 1
-    assert "tflite-int8" in screening["rates_measured_on"]
-    assert "48 normal" not in screening["rates_measured_on"]  # split into normal/abnormal
+    # no test-split rates leak into the flag's thresholds (they are fitted on the val
+    # split by `bundle refit`, which `edgecells convert --validate` runs; tests/test_ood.py)
+    assert "rates_measured_on" not in b.manifest["thresholds"]["screening"]
     # and self-test samples for `edgecells doctor`, predicted right by the deploy model
     samples = b.manifest["selftest"]["samples"]
     assert samples and all(s["label"] == s["truth"] for s in samples)

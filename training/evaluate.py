@@ -114,7 +114,7 @@ def load_bundle_model(
     b = load_bundle(path)
     clf = open_classifier(b, backend=backend, threads=threads, precision=precision)
     th = b.thresholds or {}
-    op = th.get("operating_point", th.get("abnormal_operating_point"))
+    op = th.get("operating_point", (b.validation or {}).get("classifier_operating_point"))
     kind = f"bundle:{getattr(getattr(clf, 'model', None), 'id', backend)}"
     return LoadedModel(
         kind,

@@ -1,7 +1,8 @@
 """Simulated slides from labelled single-cell images (host-side evaluation of the flag).
 
 The flag rule itself lives in :mod:`edgecells.edge.screening` (it runs on the device);
-this module classifies a labelled split and draws slides from it.
+this module draws slides from a classified labelled split
+(:func:`edgecells.training.abstention.run_split` classifies it through the device path).
 """
 
 from __future__ import annotations
@@ -14,56 +15,15 @@ import numpy as np
 
 from edgecells.edge.errors import EdgecellsError
 from edgecells.edge.screening import (
-    INSUFFICIENT,
+    FLAGS,
     NEGATIVE,
     NON_NUCLEATED,
     POSITIVE,
+    REVIEW,
     UNIDENTIFIED,
     ScreeningRule,
     Tally,
-    label_cells,
 )
-
-
-def classify_split(
-    bundle: Any, classifier: Any, data: Any, tick: Any = None, split: str = "test"
-) -> tuple[list[str], list[str]]:
-    """Predicted labels (``unidentified`` below the bundle's cut-off) and true labels of
-    the PBC images in ``split`` (``data/splits.csv``: path, label, split)."""
-    import csv
-    from pathlib import Path
-
-    from edgecells.edge.imageio import read_image
-    from edgecells.edge.preprocess import prepare_crop
-
-    root = Path(data)
-    sp = root / "splits.csv"
-    if not sp.is_file():
-        raise EdgecellsError(f"{root}: no splits.csv (expected the PBC data folder)")
-    with open(sp, newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("split") == split]
-    if not rows:
-        raise EdgecellsError(f"{sp}: no rows in split {split!r}")
-    target = bundle.load_stain_target()
-    norm = None
-    if target is not None:
-        from edgecells.edge.stain import ReinhardNormalizer
-
-        norm = ReinhardNormalizer(target)
-    rule = ScreeningRule.from_bundle(bundle.thresholds)
-    size = bundle.input_size
-    labels: list[str] = []
-    truth: list[str] = []
-    batch_n = 64
-    for i in range(0, len(rows), batch_n):
-        chunk = rows[i : i + batch_n]
-        batch = np.stack([prepare_crop(read_image(root / r["path"]), norm, size) for r in chunk])
-        probs = np.asarray(classifier.predict(batch), dtype=np.float32)
-        labels += label_cells(probs, bundle.classes, rule.min_confidence)
-        truth += [r["label"] for r in chunk]
-        if tick is not None:
-            tick(len(labels), len(rows))
-    return labels, truth
 
 
 def simulate(
@@ -77,10 +37,18 @@ def simulate(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Simulated slides: ``cells`` nucleated cells drawn (with replacement) from the
-    classified test cells; normal slides hold normal cells only, abnormal slides
-    ``round(f * cells)`` abnormal cells. Returns flag counts and sensitivity/specificity."""
+    classified cells; normal slides hold normal cells only, abnormal slides
+    ``round(f * cells)`` abnormal cells. Returns flag counts, specificity (NEGATIVE /
+    normal slides), sensitivity (POSITIVE / abnormal slides) and the share of abnormal
+    slides flagged POSITIVE or REVIEW (sent to a person)."""
     rng = np.random.default_rng(seed)
     rule = ScreeningRule.from_bundle(bundle.thresholds, cfg.screening if cfg else None)
+    # the drawn cells are nucleated: as on the device (agree_with_detector), one the
+    # classifier calls a platelet is unidentified, not dropped from the slide
+    labels = [
+        UNIDENTIFIED if lbl.lower() in NON_NUCLEATED and t.lower() not in NON_NUCLEATED else lbl
+        for lbl, t in zip(labels, truth)
+    ]
     abnormal_set = set(bundle.abnormal_classes)
     nucleated = [i for i, t in enumerate(truth) if t.lower() not in NON_NUCLEATED]
     normal_idx = np.array([i for i in nucleated if truth[i] not in abnormal_set])
@@ -91,7 +59,7 @@ def simulate(
     conditions = []
     for f in [0.0, *fractions]:
         k = int(round(f * cells))
-        flags = {POSITIVE: 0, NEGATIVE: 0, INSUFFICIENT: 0}
+        flags = dict.fromkeys(FLAGS, 0)
         for _ in range(slides):
             pick = np.concatenate(
                 [rng.choice(abn_idx, k), rng.choice(normal_idx, cells - k)]
@@ -110,8 +78,9 @@ def simulate(
             row["specificity"] = flags[NEGATIVE] / slides
         else:
             row["sensitivity"] = flags[POSITIVE] / slides
+            row["positive_or_review"] = (flags[POSITIVE] + flags[REVIEW]) / slides
         conditions.append(row)
-    # per-cell rates on the test split (what the rule has to allow for)
+    # per-cell rates on this split (the rule's own were fitted on the validation split)
     n_norm = len(normal_idx)
     fp = sum(labels[i] in abnormal_set for i in normal_idx) / n_norm
     tp = sum(labels[i] in abnormal_set for i in abn_idx) / len(abn_idx)

@@ -74,6 +74,19 @@ RANGES: list[Range] = [
     Range("preprocessing.pixel_size_um", "number", 0.005, 10.0),  # model input, µm/px
     Range("crop.min_side_factor", "number", 0.5, 10.0),
     Range("crop.training_side_px", "int", 8, 4096),
+    # abstention and the domain check (edge/ood.py; fitted by training/abstention.py)
+    Range("thresholds.screening.max_unidentified_fraction", "number", 0.0, 1.0),
+    Range("thresholds.screening.unidentified_rate", "number", 0.0, 1.0, hi_open=True),
+    Range("thresholds.ood.temperature", "number", 0.05, 20.0),
+    Range("thresholds.ood.threshold", "number", 0.0, 1.0),
+    *(
+        Range(f"thresholds.domain.stain_mean_lab.{end}.{i}", "number", -200.0, 200.0)
+        for end in ("low", "high")
+        for i in range(3)
+    ),
+    Range("thresholds.domain.input_focus.low", "number", 0.0, 1e7),
+    Range("thresholds.domain.input_focus.high", "number", 0.0, 1e7),
+    Range("thresholds.domain.max_scale_ratio", "number", 1.0, 10.0, lo_open=True),
 ]
 
 
@@ -90,12 +103,42 @@ def _no_nonfinite(obj: Any, mpath: str, path: str = "") -> None:
 
 
 def _lookup(d: dict[str, Any], path: str) -> tuple[bool, Any]:
+    """The value at a dotted path; a numeric part indexes a list."""
     cur: Any = d
     for part in path.split("."):
-        if not isinstance(cur, dict) or part not in cur:
+        if isinstance(cur, list) and part.isdigit():
+            if int(part) >= len(cur):
+                return False, None
+            cur = cur[int(part)]
+        elif isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+        else:
             return False, None
-        cur = cur[part]
     return True, cur
+
+
+def _check_domain(manifest: dict[str, Any], mpath: str) -> None:
+    """``thresholds.domain`` ranges: three values per stain end, low <= high."""
+    dom = (manifest.get("thresholds") or {}).get("domain")
+    if dom is None:
+        return
+    if not isinstance(dom, dict):
+        raise EdgecellsError(f"{mpath}: thresholds.domain must be an object")
+    for name, n in (("stain_mean_lab", 3), ("input_focus", 0)):
+        r = dom.get(name)
+        if r is None:
+            continue
+        lo, hi = (r.get("low"), r.get("high")) if isinstance(r, dict) else (None, None)
+        if n:
+            ok = isinstance(lo, list) and isinstance(hi, list) and len(lo) == len(hi) == n
+            pairs = list(zip(lo, hi)) if ok else []
+        else:
+            ok, pairs = lo is not None and hi is not None, [(lo, hi)]
+        if not ok or any(a > b for a, b in pairs):
+            raise EdgecellsError(
+                f"{mpath}: thresholds.domain.{name} must have low <= high"
+                + (f" ({n} values each)" if n else "")
+            )
 
 
 def check_ranges(manifest: dict[str, Any], mpath: str, table: list[Range] | None = None) -> None:
@@ -558,6 +601,7 @@ def parse_manifest(manifest: Any, mpath: str = MANIFEST_NAME) -> dict[str, Any]:
     if screening is not None and not isinstance(screening, dict):
         raise EdgecellsError(f"{mpath}: thresholds.screening must be an object")
     check_ranges(manifest, mpath)
+    _check_domain(manifest, mpath)
     _no_nonfinite(manifest, mpath)
     models_raw = _req(manifest, "models", list, mpath)
     if not models_raw:

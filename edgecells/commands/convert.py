@@ -300,6 +300,21 @@ def convert(
             training_files=training_files and zoo is None,
         )
     gate_failed = [f for f in result.failures if "conversion failed" not in f]
+    if (
+        validate_dir is not None
+        and (validate_dir / "splits.csv").is_file()
+        and task_kind != "binary"
+    ):
+        from edgecells.training.abstention import refit_bundle
+
+        step("fitting abstention and flag thresholds on the val split")
+        try:
+            fit_report = refit_bundle(out_dir, validate_dir)
+        except EdgecellsError as exc:  # too little val data: the bundle keeps the defaults
+            err.print(f"warning: thresholds not fitted ({exc}); defaults kept", soft_wrap=True)
+        else:
+            if not as_json:
+                _print_refit(out_dir, fit_report)
     if archive and (result.passed or force or zoo):
         suffix = ".zip" if archive_format == "zip" else ".tar.gz"
         result.archive = writer.archive(out_dir, out_dir.with_name(out_dir.name + suffix))
@@ -478,6 +493,54 @@ bundle_app.command("info")(info)
 bundle_app.command("verify")(verify)
 bundle_app.command("keygen")(keygen)
 bundle_app.command("sign")(sign)
+
+
+def refit(
+    bundle: Path = typer.Argument(..., help="Bundle folder to refit (its manifest is rewritten)."),
+    data: Path = typer.Option(..., "--data", help="Labelled data folder with splits.csv."),
+    model_id: str | None = typer.Option(None, "--model", help="Model id (default: auto)."),
+    target_unidentified: float = typer.Option(
+        0.02, "--target-unidentified", help="Share of known validation cells left unidentified."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the fit report as JSON."),
+) -> None:
+    """Refit a bundle's temperature, OOD threshold, flag thresholds, per-cell rates and
+    domain ranges on the validation split of --data, through the device path."""
+    from edgecells.training.abstention import refit_bundle
+
+    if not 0 < target_unidentified < 0.5:
+        raise EdgecellsError("--target-unidentified must be in (0, 0.5)")
+    with _progress(as_json) as bar:
+        task = bar.add_task("classifying val split", total=None)
+        rep = refit_bundle(
+            bundle,
+            data,
+            model_id,
+            target_unidentified,
+            lambda n, t: bar.update(task, total=t, completed=n),
+        )
+    if as_json:
+        print(jsonsafe.dumps(rep, indent=2))
+        return
+    _print_refit(bundle, rep)
+
+
+def _print_refit(bundle: Any, rep: dict[str, Any]) -> None:
+    out.print(f"[bold]{bundle}[/]: thresholds refitted on {rep['data']}")
+    out.print(
+        f"temperature {rep['temperature']:g} (ECE {rep['ece_before']:.2%} -> "
+        f"{rep['ece_after']:.2%}), OOD threshold {rep['ood_threshold']:.4f} "
+        f"(unidentified {rep['unidentified_rate']:.2%} of nucleated val cells)"
+    )
+    out.print(
+        f"flag: abnormal_fraction {rep['abnormal_fraction']}, max_unidentified_fraction "
+        f"{rep['max_unidentified_fraction']}; per cell: false positive "
+        f"{rep['false_positive_rate']:.2%}, abnormal sensitivity "
+        f"{rep['per_cell_sensitivity']:.2%}"
+    )
+
+
+bundle_app.command("refit")(refit)
 
 
 def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:

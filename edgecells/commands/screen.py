@@ -110,6 +110,8 @@ def screen(
         "threads": cfg.inference.threads,
         **scale_info,
     }
+    if cfg.quality.domain_check:
+        info.update(_pixel_size_estimate(cfg))
     # The source opens before anything is written: a missing camera or a wrong path
     # leaves no output behind to block the corrected rerun.
     src = open_source(cfg.session.source, cfg.camera)
@@ -393,6 +395,24 @@ def evaluate_detector(
     out.print(t)
 
 
+def _pixel_size_estimate(cfg: Any) -> dict[str, Any]:
+    """A pixel-size estimate from the source's red cells for the domain check (the flag
+    is REVIEW when the configured pixel size is off it), where this edgecells has the
+    estimator (edge/scale.py); {} when it has none or the estimate fails."""
+    try:
+        from edgecells.edge.scale import estimate_from_source  # type: ignore[import-not-found]
+    except ImportError:
+        return {}
+    try:
+        est = estimate_from_source(
+            cfg.session.source, cfg.camera, int(getattr(cfg.camera, "scale_frames", 10))
+        )
+    except Exception as exc:  # noqa: BLE001 - no estimate: the scale check is skipped
+        logging.getLogger("edgecells.screen").info("no pixel-size estimate: %s", exc)
+        return {}
+    return {"pixel_size_estimate_um": round(float(est.pixel_size_um), 5)}
+
+
 def evaluate_screening(
     bundle: str | None = typer.Argument(None, help="Model bundle (default: reference)."),
     data: Path = typer.Option(..., "--data", help="PBC folder with splits.csv."),
@@ -403,16 +423,27 @@ def evaluate_screening(
     backend: str = typer.Option("auto", "--backend", help="Inference backend."),
     threads: int = typer.Option(1, "--threads", help="Inference threads."),
     seed: int = typer.Option(0, "--seed", help="Random seed for the slides."),
+    split: str = typer.Option(
+        "test", "--split", help="val (where the thresholds were fitted) or test (report)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Flag sensitivity/specificity on simulated slides from the PBC test split.
+    """Flag sensitivity/specificity on simulated slides from a PBC split.
 
-    Each test image is classified once by the bundle; a slide draws CELLS nucleated cells
-    with replacement (normal slides: normal classes only; abnormal slides: the given
-    fraction from erythroblast/IG). Specificity = NEGATIVE / normal slides and sensitivity
-    = POSITIVE / abnormal slides (an INSUFFICIENT slide counts against both).
+    Each image is classified once by the bundle through the device path (temperature,
+    out-of-distribution threshold); a slide draws CELLS nucleated cells with replacement
+    (normal slides: normal classes only; abnormal slides: the given fraction from
+    erythroblast/IG). Specificity = NEGATIVE / normal slides, sensitivity = POSITIVE /
+    abnormal slides (REVIEW and INSUFFICIENT count against both). The bundle's thresholds
+    were fitted on the validation split: quote --split test.
     """
-    from edgecells.training.slides import classify_split, simulate
+    from edgecells.edge.ood import calibrate
+    from edgecells.edge.screening import ScreeningRule, label_cells
+    from edgecells.training.abstention import expected_calibration_error, run_split
+    from edgecells.training.slides import simulate
+
+    if split not in ("val", "test"):
+        raise EdgecellsError(f"--split must be val or test, not {split!r}")
 
     try:
         fr = [float(x) for x in fractions.split(",") if x.strip()]
@@ -421,18 +452,37 @@ def evaluate_screening(
     cfg, b, clf = _setup(config, None, bundle, backend, threads)
     try:
         with progress(as_json) as bar:
-            task = bar.add_task("classifying test split", total=None)
-            labels, truth = classify_split(
-                b, clf, data, lambda n, t: bar.update(task, total=t, completed=n)
+            task = bar.add_task(f"classifying {split} split", total=None)
+            outs = run_split(
+                b, clf, data, split, lambda n, t: bar.update(task, total=t, completed=n)
             )
     finally:
         clf.close()
+    rule = ScreeningRule.from_bundle(b.thresholds, cfg.screening)
+    labels = label_cells(
+        outs.probs, b.classes, rule.min_confidence, rule.temperature, rule.ood_threshold
+    )
+    truth = [b.classes[k] for k in outs.y]
     res = simulate(b, cfg, labels, truth, slides, cells, fr, seed)
+    res["split"] = split
+    res["data"] = outs.source
+    res["ece_uncalibrated"] = round(expected_calibration_error(outs.probs, outs.y), 4)
+    res["ece_calibrated"] = round(
+        expected_calibration_error(calibrate(outs.probs, rule.temperature), outs.y), 4
+    )
     if as_json:
         typer.echo(jsonsafe.dumps(res, indent=2))
         return
-    t = Table(title=f"Simulated slides of {cells} cells ({slides} per condition)")
-    for c in ("slides", "abnormal fraction", "POSITIVE", "NEGATIVE", "INSUFFICIENT", "metric"):
+    t = Table(title=f"Simulated slides of {cells} cells ({slides} per condition), {split} split")
+    for c in (
+        "slides",
+        "abnormal fraction",
+        "POSITIVE",
+        "NEGATIVE",
+        "REVIEW",
+        "INSUFFICIENT",
+        "metric",
+    ):
         t.add_column(c, justify="right")
     for row in res["conditions"]:
         metric = (
@@ -445,10 +495,17 @@ def evaluate_screening(
             f"{row['fraction']:.0%}",
             str(row["POSITIVE"]),
             str(row["NEGATIVE"]),
+            str(row["REVIEW"]),
             str(row["INSUFFICIENT"]),
             metric,
         )
     out.print(t)
+    out.print(
+        f"per cell ({split}): false positive {res['cell_false_positive_rate']:.2%}, "
+        f"abnormal sensitivity {res['cell_sensitivity']:.2%}, unidentified "
+        f"{res['unidentified_rate']:.2%}; ECE {res['ece_uncalibrated']:.2%} -> "
+        f"{res['ece_calibrated']:.2%} calibrated"
+    )
     out.print(f"rule: {res['rule']}")
 
 

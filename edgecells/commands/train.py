@@ -11,6 +11,7 @@ from rich.table import Table
 
 from edgecells.commands._ui import err, out, progress
 from edgecells.edge import jsonsafe
+from edgecells.edge.errors import EdgecellsError
 
 
 def _quiet_tf() -> None:
@@ -230,6 +231,65 @@ def evaluate_classifier_cmd(
         out.print(f"plot written to {plot}")
 
 
+def evaluate_openset_cmd(
+    data: Path = typer.Option(..., "--data", help="PBC folder with splits.csv."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for the runs (reused if present)."),
+    exclude: str = typer.Option(
+        "basophil,monocyte,ig,erythroblast", "--exclude", help="Classes to leave out, one run each."
+    ),
+    epochs: int = typer.Option(5, "--epochs", help="Training epochs per run."),
+    size: int = typer.Option(64, "--size", help="Input size."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    target_unidentified: float = typer.Option(
+        0.02, "--target-unidentified", help="Share of known val cells left unidentified."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Leave-one-class-out open-set test: train without each class, fit the temperature
+    and OOD threshold on the validation split, report how the left-out cells come out
+    on the test split (AUROC per score, unidentified/abnormal shares, simulated slides)."""
+    _quiet_tf()
+    from edgecells.training.openset import analyse_loco, run_loco
+
+    classes = [c.strip() for c in exclude.split(",") if c.strip()]
+    if not classes or epochs < 1:
+        raise EdgecellsError("--exclude needs at least one class and --epochs >= 1")
+    files = run_loco(
+        data,
+        out_dir,
+        classes,
+        epochs,
+        size,
+        seed,
+        log=lambda m: err.print(m) if not as_json else None,
+    )
+    res = analyse_loco(files, target_unidentified)
+    (out_dir / "openset.json").write_text(jsonsafe.dumps(res, indent=2) + "\n", encoding="utf-8")
+    if as_json:
+        typer.echo(jsonsafe.dumps(res, indent=2))
+        return
+    t = Table(title=f"Leave-one-class-out ({epochs} epochs each), PBC test split")
+    for c in ("left out", "AUROC msp", "energy", "mahalanobis", "knn", "unidentified",
+              "unid. or abnormal", "known unid.", "10% slides REVIEW/POS (200)"):  # fmt: skip
+        t.add_column(c, justify="right")
+    for r in res["classes"]:
+        a = r["auroc"]
+        t.add_row(
+            r["left_out"],
+            f"{a['msp']:.3f}",
+            f"{a['energy']:.3f}",
+            f"{a['mahalanobis']:.3f}",
+            f"{a['knn']:.3f}" if "knn" in a else "-",
+            f"{r['left_out_unidentified']:.1%}",
+            f"{r['left_out_unidentified_or_abnormal']:.1%}",
+            f"{r['known_unidentified']:.1%}",
+            f"{r['slides']['200']['review_or_positive']:.1%}",
+        )
+    out.print(t)
+    out.print(f"mean AUROC: {res['mean_auroc']}; written to {out_dir / 'openset.json'}")
+
+
 def register(app: typer.Typer, evaluate_app: typer.Typer) -> None:
     app.command("train")(train_cmd)
     evaluate_app.command("classifier")(evaluate_classifier_cmd)
+    evaluate_app.command("openset")(evaluate_openset_cmd)
