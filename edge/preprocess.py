@@ -141,17 +141,3 @@ def prepare_crop(
         h, w = rgb.shape[:2]
         return prepare_cell(rgb, w / 2, h / 2, pixel_size_um, size, model_pixel_um, normalizer)
     return normalize_small(square_resize(rgb, int(size)), normalizer)
-
-
-def prepare_batch(
-    images: list[np.ndarray],
-    normalizer: ReinhardNormalizer | None,
-    size: int,
-    pixel_size_um: float | None = None,
-    model_pixel_um: float | None = None,
-) -> np.ndarray:
-    """:func:`prepare_crop` over a list, stacked as ``N x size x size x 3`` uint8."""
-    out = np.empty((len(images), size, size, 3), dtype=np.uint8)
-    for i, im in enumerate(images):
-        out[i] = prepare_crop(im, normalizer, size, pixel_size_um, model_pixel_um)
-    return out

@@ -72,6 +72,8 @@ RANGES: list[Range] = [
     Range("thresholds.screening.false_positive_rate", "number", 0.0, 1.0, hi_open=True),
     Range("crop.side_um", "number", 0.0, 500.0),  # 0 = no fixed physical side
     Range("preprocessing.pixel_size_um", "number", 0.005, 10.0),  # model input, µm/px
+    # legacy keys of older bundles (ignored by the device since prepare_cell-v2), still
+    # checked so that a bad value is named rather than silently carried along
     Range("crop.min_side_factor", "number", 0.5, 10.0),
     Range("crop.training_side_px", "int", 8, 4096),
     # abstention and the domain check (edge/ood.py; fitted by training/abstention.py)
