@@ -72,7 +72,7 @@ class AdaptConfig:
     local_share: float = 0.5  # share of each epoch's images that are (repeated) local cells
     holdout: float = 0.2  # share of each class's local cells held out for the gate
     min_per_class: int = MIN_PER_CLASS
-    replay_per_class: int = 100  # replay images per class drawn from --replay-data
+    replay_per_class: int = 500  # replay images per class drawn from --replay-data
     # BatchNorm layers keep the parent's statistics (inference mode): a few dozen local
     # cells in the mix would otherwise drag them away from the original data (forgetting)
     freeze_bn: bool = True
