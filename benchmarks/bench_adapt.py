@@ -5,10 +5,13 @@ sets; no original data at hand).
     nice -n 5 python benchmarks/bench_adapt.py [--epochs 8] [--per-class 25]
 
 1. Baseline, same run: `edgecells convert` of the reference model (models/reference/
-   model.keras, PBC calibration set of 300, validation on the PBC test split) into a
+   model.keras, PBC calibration set of 300 at the model's field, validation on the PBC
+   test split) into a
    trainable bundle (it carries training/model.keras and training/replay.npz).
-2. 25 LISC training cells per class (one crop per cell), then `edgecells adapt` on that
-   bundle in a child process (CUDA hidden): wall time and its peak resident memory
+2. 25 LISC training cells per class (one crop per cell), then `edgecells adapt
+   --pixel-size 0.155` (LISC's measured pixel size: the cells are cut at the model's
+   field, as `edgecells classify --pixel-size` does) on that bundle in a child process
+   (CUDA hidden): wall time and its peak resident memory
    (getrusage in the child, reported in its --json), against the 10-minute target and
    the conversion baseline.
 """
@@ -29,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 TARGET_S = 600.0
+LISC_UM_PER_PX = 0.155  # calibration/pixel_sizes.py
 
 
 def run(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
@@ -56,12 +60,16 @@ def main() -> None:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"}
     ec = [sys.executable, "-m", "edgecells"]
 
+    # the reference model's physical field (training's metrics.json)
+    metrics = json.loads((ROOT / "models/reference/metrics.json").read_text())
+    model_px = float(metrics["preprocess"]["pixel_size_um"])
     calib = work / "calib.npz"
     if not calib.is_file():
         subprocess.run(
             ec + ["calibrate", "--data", str(DATA / "pbc"), "--target",
                   str(ROOT / "models/reference/target.json"), "--size", "64",
-                  "--out", str(calib), "--no-coverage", "--json"],
+                  "--pixel-size", str(model_px), "--out", str(calib), "--no-coverage",
+                  "--json"],
             check=True, capture_output=True, env=env,
         )  # fmt: skip
     parent = work / "parent"
@@ -98,7 +106,8 @@ def main() -> None:
         shutil.rmtree(new)
     ad_s, _, out = run(
         ec + ["adapt", "--bundle", str(parent), "--data", str(cells), "--out", str(new),
-              "--epochs", str(args.epochs), "--json", "--force"],
+              "--epochs", str(args.epochs), "--pixel-size", str(LISC_UM_PER_PX), "--json",
+              "--force"],
         env,
     )  # fmt: skip
     res = json.loads(out)
@@ -117,6 +126,8 @@ def main() -> None:
         "adapt_vs_target": round(ad_s / TARGET_S, 3),
         "adapt_vs_convert": round(ad_s / conv_s, 2),
         "gate_passed": res["passed"],
+        "failures": res["failures"],
+        "alpha": res["interpolation"]["alpha"],
         "check_before_after": [
             res["metrics"]["before"]["check"]["accuracy"],
             res["metrics"]["after"]["check"]["accuracy"],

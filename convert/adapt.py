@@ -161,6 +161,7 @@ def adapt_bundle(
     replay_data: str | os.PathLike[str] | None = None,
     source_model: str | os.PathLike[str] | None = None,
     max_pbc_drop: float = 1.0,
+    pixel_size_um: float | None = None,
     formats: list[str] | None = None,
     name: str | None = None,
     threads: int | None = None,
@@ -210,7 +211,17 @@ def adapt_bundle(
     classes = list(parent.classes)
 
     step(f"reading local cells {Path(data).name}")
-    local: LocalCells = read_local_cells(data, classes, normalizer, size, cfg.min_per_class)
+    if pixel_size_um is not None and not pixel_size_um > 0:
+        raise EdgecellsError(f"--pixel-size must be > 0 µm/px, got {pixel_size_um}")
+    local: LocalCells = read_local_cells(
+        data,
+        classes,
+        normalizer,
+        size,
+        cfg.min_per_class,
+        pixel_size_um=pixel_size_um,
+        model_pixel_um=parent.pixel_size_um if pixel_size_um is not None else None,
+    )
     tr_idx, ho_idx = split_holdout(local.y, cfg.holdout, cfg.seed)
 
     if replay_data is not None:
@@ -348,6 +359,7 @@ def adapt_bundle(
             "train_counts": local.counts(tr_idx),
             "holdout_counts": local.counts(ho_idx),
             "from_index_csv": local.from_index,
+            "pixel_size_um": pixel_size_um,
             "files": [
                 {
                     "path": f,

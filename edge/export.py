@@ -10,10 +10,11 @@ Layout written (append-and-flush, like the session's other files)::
 A crop is the square the device classified (``x, y, w, h`` in frame pixels here: the
 cell row's ``crop_x, crop_y, crop_side``, the same square ``cut_crop`` cuts), clipped
 to the frame: never resized, never padded. The frame's
-stain statistics and size are in the row, so :func:`device_input` later rebuilds the
-model input exactly as the device made it (reflection at the frame edge, normalization
-with the frame's statistics, resize). Moving a file to another class folder is the
-labelling step; ``edgecells adapt`` reads the folders, not the predicted label.
+stain statistics and size are in the row (for the record; the device normalizes each
+crop with its own statistics), so :func:`device_input` later rebuilds the model input
+exactly as the device made it (reflection at the frame edge, resample, normalization).
+Moving a file to another class folder is the labelling step;
+``edgecells adapt`` reads the folders, not the predicted label.
 """
 
 from __future__ import annotations
@@ -139,24 +140,6 @@ class CropExporter:
         self._log.close()
 
 
-def stats_from_row(row: dict[str, str]) -> Any:
-    """The frame's stain statistics recorded in an index row (None: not recorded or the
-    frame could not be normalized, so the device used the crop unnormalized)."""
-    from edgecells.edge.stain import FrameStats
-
-    if row.get("stain_ok", "") in ("", "0"):
-        return None
-    try:
-        mean = tuple(int(v) for v in row["stain_mean_q10"].split())
-        std = tuple(int(v) for v in row["stain_std_q10"].split())
-        thr = int(row["stain_threshold_q10"])
-    except (KeyError, ValueError):
-        raise EdgecellsError(f"index row {row.get('file')}: malformed stain statistics") from None
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise EdgecellsError(f"index row {row.get('file')}: malformed stain statistics")
-    return FrameStats(True, None, 0, 0, mean, std, thr)  # type: ignore[arg-type]
-
-
 def pad_to_square(crop: np.ndarray, row: dict[str, str]) -> np.ndarray:
     """Undo the clipping: reflect the crop at the frame edges it was clipped at, exactly as
     :func:`edgecells.edge.detect.cut_crop` reflected the frame."""
@@ -183,19 +166,26 @@ def pad_to_square(crop: np.ndarray, row: dict[str, str]) -> np.ndarray:
 
 
 def device_input(
-    crop: np.ndarray, row: dict[str, str] | None, normalizer: Any, size: int
+    crop: np.ndarray,
+    row: dict[str, str] | None,
+    normalizer: Any,
+    size: int,
+    pixel_size_um: float | None = None,
+    model_pixel_um: float | None = None,
 ) -> np.ndarray:
-    """The model input the device made for an exported crop (``row``: its index.csv row);
-    a crop without a row (e.g. a single-cell image) is normalized with its own statistics."""
+    """The model input the device made for an exported crop (``row``: its index.csv row).
+
+    An exported square already spans the model's field (the pipeline cut it at
+    ``crop_side``), so it is reflected back to the full square, resampled whole and
+    normalized with its own (resampled) statistics — :func:`prepare_cell`'s steps. A crop
+    without a row is a single-cell image: :func:`prepare_crop`, cut at the model's field
+    when both pixel sizes are given (``edgecells classify --pixel-size``), else the centre
+    square resampled whole (legacy)."""
     from edgecells.edge.preprocess import prepare_crop
 
     if row is None:
-        return prepare_crop(crop, normalizer, size)
-    square = pad_to_square(crop, row)
-    stats = stats_from_row(row)
-    if normalizer is None or stats is None:
-        return prepare_crop(square, None, size)
-    return prepare_crop(square, normalizer, size, stats)
+        return prepare_crop(crop, normalizer, size, pixel_size_um, model_pixel_um)
+    return prepare_crop(pad_to_square(crop, row), normalizer, size)
 
 
 def read_index(root: str | Path) -> dict[str, dict[str, str]]:

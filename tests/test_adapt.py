@@ -138,6 +138,23 @@ def test_local_cells_refusals(tmp_path: Path) -> None:
         read_local_cells(_folder(tmp_path / "none", {"_skip": 3}), classes, None, 16)
 
 
+def test_single_cell_images_cut_at_the_model_field_with_a_pixel_size(tmp_path: Path) -> None:
+    """With --pixel-size, a single-cell image becomes what ``edgecells classify
+    --pixel-size`` feeds the model (prepare_crop at the model's field), not its whole
+    square resampled."""
+    from edgecells.edge.imageio import read_image
+    from edgecells.edge.preprocess import prepare_crop
+    from edgecells.training.adapt import read_local_cells
+
+    root = _folder(tmp_path / "d", {"neutrophil": 3})
+    img = read_image(root / "neutrophil" / "0.jpg")
+    cut = read_local_cells(root, ["neutrophil"], None, 16, pixel_size_um=0.103, model_pixel_um=1.0)
+    whole = read_local_cells(root, ["neutrophil"], None, 16)
+    np.testing.assert_array_equal(cut.x[0], prepare_crop(img, None, 16, 0.103, 1.0))
+    np.testing.assert_array_equal(whole.x[0], prepare_crop(img, None, 16))
+    assert not np.array_equal(cut.x[0], whole.x[0])  # 16 µm of a 20.6 µm image
+
+
 def test_adapt_refuses_a_bundle_without_a_trainable_model(tmp_path: Path) -> None:
     data = _folder(tmp_path / "d", {"neutrophil": 3})
     proc = _cli("adapt", "--bundle", TINY, "--data", data, "--out", tmp_path / "o")

@@ -12,9 +12,11 @@ technician moved each file into the right class folder)::
     DIR/unidentified/, DIR/_*/   ignored (cells nobody labelled, rejects)
 
 A crop listed in ``index.csv`` (matched by file name) is rebuilt as the device saw it:
-reflected at the frame edge to the full square, normalized with its frame's stain
-statistics, resized (:func:`edgecells.edge.export.device_input`). Any other image is a
-single-cell crop and is normalized with its own statistics, as ``prepare_crop`` does.
+reflected at the frame edge to the full square (the model's field), resampled, normalized
+with its own statistics (:func:`edgecells.edge.export.device_input`). Any other image is a
+single-cell crop and goes through ``prepare_crop`` as ``edgecells classify`` does: cut at
+the model's field around its centre when the images' pixel size is given
+(``--pixel-size``), else its centre square resampled whole.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ class AdaptConfig:
     local_share: float = 0.5  # share of each epoch's images that are (repeated) local cells
     holdout: float = 0.2  # share of each class's local cells held out for the gate
     min_per_class: int = MIN_PER_CLASS
-    replay_per_class: int = 100  # replay images per class drawn from --replay-data
+    replay_per_class: int = 500  # replay images per class drawn from --replay-data
     # BatchNorm layers keep the parent's statistics (inference mode): a few dozen local
     # cells in the mix would otherwise drag them away from the original data (forgetting)
     freeze_bn: bool = True
@@ -98,9 +100,13 @@ def read_local_cells(
     size: int,
     min_per_class: int = MIN_PER_CLASS,
     progress: Callable[[int], None] | None = None,
+    pixel_size_um: float | None = None,
+    model_pixel_um: float | None = None,
 ) -> LocalCells:
     """Read ``root/<class>/*`` as model inputs; a one-line EdgecellsError for a folder that
-    is not a class of the bundle, an unreadable image, or too few cells in a class."""
+    is not a class of the bundle, an unreadable image, or too few cells in a class.
+    ``pixel_size_um``/``model_pixel_um``: the single-cell images' and the model's pixel
+    sizes (µm/px), to cut those images at the model's field (exported crops need none)."""
     r = Path(root)
     if not r.is_dir():
         raise EdgecellsError(f"{r}: no such folder of labelled cells")
@@ -143,7 +149,7 @@ def read_local_cells(
         img = read_image(p)  # EdgecellsError naming a corrupt file
         row = index.get(p.name)
         try:
-            x[i] = device_input(img, row, normalizer, size)
+            x[i] = device_input(img, row, normalizer, size, pixel_size_um, model_pixel_um)
         except EdgecellsError as exc:
             raise EdgecellsError(f"{p}: {exc}") from None
         n_index += row is not None

@@ -38,6 +38,13 @@ def adapt(
         "--source-model",
         help="The parent's Keras model, for a bundle that does not carry it (hash-checked).",
     ),
+    pixel_size: float | None = typer.Option(
+        None,
+        "--pixel-size",
+        help="Pixel size (µm/px) of single-cell images in --data (as for edgecells classify "
+        "--pixel-size): each is cut at the model's field around its centre. Crops from "
+        "--export-crops need none. Omit: the image's centre square is used whole.",
+    ),
     holdout: float = typer.Option(0.2, "--holdout", help="Share of local cells held out."),
     min_per_class: int = typer.Option(
         3, "--min-per-class", help="Refuse a class folder with fewer labelled cells."
@@ -102,6 +109,7 @@ def adapt(
             replay_data=replay_data,
             source_model=source_model,
             max_pbc_drop=max_drop,
+            pixel_size_um=pixel_size,
             threads=threads,
             step=step,
             on_train_step=lambda k: bar.advance(task, k),
