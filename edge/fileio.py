@@ -59,6 +59,17 @@ def disk_error(path: Path, exc: OSError) -> EdgecellsError:
     return EdgecellsError(f"{path}: cannot write ({exc.strerror or exc})", exit_code=3)
 
 
+def read_limited(path: Path, max_bytes: int, too_large: str) -> bytes:
+    """The bytes of a small file, refused (EdgecellsError ``"{path}: {too_large}"``) above
+    ``max_bytes``; a read error is one line too."""
+    try:
+        if path.stat().st_size > max_bytes:
+            raise EdgecellsError(f"{path}: {too_large}")
+        return path.read_bytes()
+    except OSError as exc:
+        raise EdgecellsError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
 def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int | None = None) -> None:
     """Write ``data`` to a temporary file beside ``path``, fsync it, give it ``mode``
     (default: :func:`default_file_mode`), then rename it over ``path``.

@@ -669,12 +669,9 @@ def read_manifest_bytes(root: Path) -> bytes:
         raise EdgecellsError(f"{mpath}: is a symbolic link (refused; copy the file itself)")
     if not mpath.is_file():
         raise EdgecellsError(f"{mpath}: missing (not a model bundle folder)")
-    try:
-        if mpath.stat().st_size > MAX_MANIFEST_BYTES:
-            raise EdgecellsError(f"{mpath}: manifest too large")
-        return mpath.read_bytes()
-    except OSError as exc:
-        raise EdgecellsError(f"{mpath}: cannot read ({exc.strerror or exc})") from None
+    from edgecells.edge.fileio import read_limited
+
+    return read_limited(mpath, MAX_MANIFEST_BYTES, "manifest too large")
 
 
 def decode_manifest(data: bytes, mpath: str | os.PathLike[str]) -> Any:

@@ -38,6 +38,7 @@ from typing import Any
 
 from edgecells.edge.bundle.manifest import MANIFEST_NAME, loads_strict, read_manifest_bytes
 from edgecells.edge.errors import EdgecellsError
+from edgecells.edge.fileio import read_limited
 
 SIGNATURE_NAME = "signature.json"
 SIG_SCHEMA = "edgecells.signature/1"
@@ -125,12 +126,7 @@ def _umask() -> int:
 def _read_key_file(path: Path, what: str) -> bytes:
     if not path.is_file():
         raise EdgecellsError(f"{path}: no such {what} file")
-    try:
-        if path.stat().st_size > MAX_KEY_BYTES:
-            raise EdgecellsError(f"{path}: too large for a {what}")
-        return path.read_bytes()
-    except OSError as exc:
-        raise EdgecellsError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return read_limited(path, MAX_KEY_BYTES, f"too large for a {what}")
 
 
 def load_private_key(path: str | os.PathLike[str]) -> Any:
