@@ -73,3 +73,47 @@ class DetectionScore:
 
 VOC_WBC = ("WBC",)
 VOC_PLATELETS = ("Platelets", "Platelet", "PLT")
+
+
+Correction = dict[str, str]
+
+
+def read_corrections(path: str | Path) -> dict[tuple[str, str], list[Correction]]:
+    """Annotation corrections per (data set, frame) from a corrections CSV.
+
+    Columns: set, frame, action (``add`` or ``move``), kind (a VOC class name), the box
+    (xmin..ymax) and, for ``move``, the annotated box it replaces (old_xmin..old_ymax).
+    """
+    import csv
+
+    out: dict[tuple[str, str], list[Correction]] = {}
+    try:
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError as exc:
+        raise EdgecellsError(f"{path}: cannot read corrections ({exc.strerror})") from None
+    for i, r in enumerate(rows, start=2):
+        if r.get("action") not in ("add", "move") or not r.get("kind"):
+            raise EdgecellsError(f"{path}:{i}: action must be add or move, with a kind")
+        out.setdefault((r["set"], r["frame"]), []).append(r)
+    return out
+
+
+def apply_corrections(
+    boxes: dict[str, list[tuple[int, int, int, int]]], corrections: list[Correction]
+) -> dict[str, list[tuple[int, int, int, int]]]:
+    """A copy of one frame's VOC boxes with its corrections applied."""
+    out = {k: list(v) for k, v in boxes.items()}
+
+    def box(r: Correction, prefix: str = "") -> tuple[int, int, int, int]:
+        return tuple(int(r[f"{prefix}{k}"]) for k in ("xmin", "ymin", "xmax", "ymax"))  # type: ignore[return-value]
+
+    for r in corrections:
+        kind = out.setdefault(r["kind"], [])
+        if r["action"] == "move":
+            old = box(r, "old_")
+            if old not in kind:
+                raise EdgecellsError(f"correction for {r['frame']}: no {r['kind']} box {old}")
+            kind.remove(old)
+        kind.append(box(r))
+    return out
