@@ -56,8 +56,11 @@ def _open(bundle: str) -> tuple[Any, Any]:
 
 
 def _operating_point(b: Any) -> float:
+    """The classifier's abnormal operating point, fitted on PBC val (``bundle refit``
+    keeps it in ``validation.classifier_operating_point``; older bundles in thresholds)."""
     th = b.thresholds or {}
-    return float(th.get("operating_point", th.get("abnormal_operating_point", 0.5)))
+    op = th.get("operating_point", (b.validation or {}).get("classifier_operating_point"))
+    return float(op if op is not None else th.get("abnormal_operating_point", 0.5))
 
 
 def crop_scores(
