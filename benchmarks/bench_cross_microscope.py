@@ -6,7 +6,8 @@ baselines measured in the same run), on four microscopes:
 - **PBC test** (CellaVision DM96, 0.103 µm/px): single-cell crops through
   ``prepare_crop`` at the model's field (as ``edgecells evaluate classifier`` /
   ``classify``): 8-class accuracy, normal cells called abnormal, abnormal AUC and
-  sensitivity/specificity at the bundle's operating point;
+  sensitivity/specificity at the bundle's operating point, and the operating points
+  chosen on PBC val for 97% and 98% abnormal sensitivity with their test figures;
 - **BCCD all / BCCD test** (640x480 frames, 0.0721 µm/px) and **DeepBioNet test**
   (0.126 µm/px): whole frames through :class:`edgecells.edge.pipeline.Pipeline` — the
   code ``edgecells screen`` runs (quality gates, detection, crop, stain, inference,
@@ -63,13 +64,13 @@ def _operating_point(b: Any) -> float:
     return float(op if op is not None else th.get("abnormal_operating_point", 0.5))
 
 
-def crop_scores(
+def crop_probs(
     b: Any, clf: Any, records: list[Any], transform: Any = None, scale: float = 1.0
-) -> dict[str, Any]:
-    """Single-cell crops through prepare_crop (at the model's field) and the backend."""
+) -> np.ndarray:
+    """Class probabilities of single-cell crops through prepare_crop (at the model's
+    field) and the backend."""
     from edgecells.edge.imageio import read_image
     from edgecells.edge.preprocess import prepare_crop
-    from edgecells.edge.screening import ScreeningRule, label_cells
     from edgecells.edge.stain import ReinhardNormalizer
 
     t = b.load_stain_target()
@@ -84,7 +85,16 @@ def crop_scores(
         if transform is not None:
             img = transform(img)
         x[i] = prepare_crop(img, norm, b.input_size, r.pixel_size_um / scale, b.pixel_size_um)
-    probs = np.concatenate([clf.predict(x[i : i + 64]) for i in range(0, len(x), 64)])
+    return np.concatenate([clf.predict(x[i : i + 64]) for i in range(0, len(x), 64)])
+
+
+def crop_scores(
+    b: Any, clf: Any, records: list[Any], transform: Any = None, scale: float = 1.0
+) -> dict[str, Any]:
+    """Single-cell crops through prepare_crop (at the model's field) and the backend."""
+    from edgecells.edge.screening import ScreeningRule, label_cells
+
+    probs = crop_probs(b, clf, records, transform, scale)
     classes = list(b.classes)
     ab = np.asarray(b.abnormal_mask, bool)
     labels = label_cells(probs, classes, ScreeningRule.from_bundle(b.thresholds).min_confidence)
@@ -92,6 +102,36 @@ def crop_scores(
     return _score(
         labels, truth, probs[:, ab].sum(1), set(np.array(classes)[ab]), _operating_point(b)
     )
+
+
+def operating_points(
+    b: Any, clf: Any, val: list[Any], test: list[Any], min_sens: tuple[float, ...] = (0.97, 0.98)
+) -> list[dict[str, float]]:
+    """For each minimum abnormal sensitivity: the threshold on p(abnormal) with the highest
+    specificity on PBC **val** at that sensitivity, and what it gives on val and test."""
+    ab = np.asarray(b.abnormal_mask, bool)
+    abnormal = set(np.array(b.classes)[ab])
+    pv, pt = (crop_probs(b, clf, r)[:, ab].sum(1) for r in (val, test))
+    yv, yt = (np.array([r.label in abnormal for r in recs]) for recs in (val, test))
+    out = []
+    for ms in min_sens:
+        ts = np.unique(pv)
+        sens = np.array([(pv[yv] >= t).mean() for t in ts])
+        spec = np.array([(pv[~yv] < t).mean() for t in ts])
+        ok = np.nonzero(sens >= ms)[0]
+        k = ok[np.lexsort((ts[ok], spec[ok]))[-1]]  # highest specificity, then threshold
+        t = float(ts[k])
+        out.append(
+            {
+                "min_sensitivity": ms,
+                "threshold": t,
+                "val_sensitivity": float(sens[k]),
+                "val_specificity": float(spec[k]),
+                "test_sensitivity": float((pt[yt] >= t).mean()),
+                "test_specificity": float((pt[~yt] < t).mean()),
+            }
+        )
+    return out
 
 
 def _score(
@@ -210,6 +250,8 @@ def run(bundle: str, data: Path, robustness: bool) -> dict[str, Any]:
     }
     pbc = [r for r in cell_records(data / "pbc", m) if r.split == "test"]
     res["PBC test"] = crop_scores(b, clf, pbc)
+    pbc_val = [r for r in cell_records(data / "pbc", m) if r.split == "val"]
+    res["PBC operating points"] = operating_points(b, clf, pbc_val, pbc)
     bccd = bccd_records(data / "bccd")
     res["BCCD all"] = frame_scores(b, clf, bccd, PIXEL_SIZE_UM["bccd"])
     test_frames = {r.path.stem for r in bccd if r.split == "test"}
@@ -272,6 +314,13 @@ def main() -> None:
             f"{_pct(p.get('sensitivity_abnormal'))}, "
             f"specificity {_pct(p.get('specificity_abnormal'))}"
         )
+        for o in r["PBC operating points"]:
+            print(
+                f"{name}: PBC operating point chosen on val for sensitivity >= "
+                f"{o['min_sensitivity']:.0%}: {o['threshold']:.4f} (val sensitivity "
+                f"{_pct(o['val_sensitivity'])}, specificity {_pct(o['val_specificity'])}; test "
+                f"{_pct(o['test_sensitivity'])}, {_pct(o['test_specificity'])})"
+            )
         for k in ("BCCD all", "DeepBioNet test"):
             q = r[k]
             print(
