@@ -135,3 +135,34 @@ def test_cli_train_user_errors_are_one_line(tmp_path):
         ["train", "--data", str(FIXTURES / "pbc"), "--out", "m.keras", "--mapping", "nope"],
     )
     assert r.exit_code == 2 and "no such mapping file or preset" in r.output
+
+
+def test_selection_score_mean_weighs_sources_pooled_weighs_cells():
+    from edgecells.training.train import selection_score
+
+    # a large source at 97% and a 67-cell one at 94% vs 96% and 97%
+    a = selection_score([1658, 63], [1707, 67], "mean")
+    b = selection_score([1639, 65], [1707, 67], "mean")
+    assert b > a  # each source counts alike: the small set decides
+    a = selection_score([1658, 63], [1707, 67], "pooled")
+    b = selection_score([1639, 65], [1707, 67], "pooled")
+    assert a > b and a == pytest.approx(1721 / 1774)
+    with pytest.raises(EdgecellsError, match="select must be one of mean, pooled"):
+        selection_score([1], [1], "median")
+    with pytest.raises(EdgecellsError, match="needs val cells"):
+        selection_score([0], [0], "pooled")
+
+
+def test_train_refuses_an_unknown_selection_rule(tmp_path):
+    cfg = TrainConfig(size=32, epochs=1, batch=8, max_steps=1, arch=TINY, select="median")
+    with pytest.raises(EdgecellsError, match="select must be one of"):
+        train(FIXTURES / "pbc", tmp_path / "m.keras", cfg, cache_dir=tmp_path / "cache")
+
+
+def test_pooled_selection_is_recorded(tmp_path):
+    cfg = TrainConfig(size=32, epochs=1, batch=8, max_steps=1, arch=TINY, select="pooled")
+    train(FIXTURES / "pbc", tmp_path / "m.keras", cfg, cache_dir=tmp_path / "cache")
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["config"]["select"] == "pooled" and "pooled" in m["best_rule"]
+    (row,) = list(csv.DictReader((tmp_path / "train_log.csv").open()))
+    assert float(row["val_score"]) == pytest.approx(float(row["val_acc_pbc"]))

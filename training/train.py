@@ -67,6 +67,23 @@ class AugmentConfig:
     channel_gain: float = 0.0  # per-channel gain
 
 
+SELECT_RULES = {
+    "mean": "highest mean validation accuracy over the sources with a val split",
+    "pooled": "highest validation accuracy pooled over the val cells of all sources",
+}
+
+
+def selection_score(correct: list[int], counts: list[int], rule: str) -> float:
+    """The best-epoch score from each source's correct val predictions and val size."""
+    if rule not in SELECT_RULES:
+        raise EdgecellsError(f"select must be one of {', '.join(SELECT_RULES)}, not {rule!r}")
+    if not counts or min(counts) <= 0:
+        raise EdgecellsError("every source used for epoch selection needs val cells")
+    if rule == "pooled":
+        return sum(correct) / sum(counts)
+    return float(np.mean([c / n for c, n in zip(correct, counts)]))
+
+
 @dataclass
 class TrainConfig:
     """Every number of a training run (saved in metrics.json)."""
@@ -81,6 +98,9 @@ class TrainConfig:
     weight_decay: float = 2e-5
     label_smoothing: float = 0.05
     min_sensitivity: float = 0.98  # operating point: this sensitivity on val, best specificity
+    # best epoch: "mean" of the per-source val accuracies (each microscope counts alike) or
+    # "pooled" over all val cells (each cell counts alike; small val sets weigh less)
+    select: str = "mean"
     mapping: str = "pbc8"
     max_steps: int | None = None  # cap steps per epoch (smoke tests)
     init: str | None = None  # start from this .keras model's weights (same architecture)
@@ -301,6 +321,8 @@ def train(
     pixel size) from its data set's measured pixel size.
     """
     cfg = cfg or TrainConfig()
+    if cfg.select not in SELECT_RULES:
+        raise EdgecellsError(f"select must be one of {', '.join(SELECT_RULES)}, not {cfg.select!r}")
     progress = progress or TrainProgress()
     out_path = Path(out)
     if out_path.suffix != ".keras":
@@ -407,15 +429,16 @@ def train(
             callbacks=[_Bar()],
         )
         logs = {k: float(v[-1]) for k, v in hist.history.items()}
-        accs = []
+        correct, counts = [], []
         for n in names:
             if (n, "val") in evals:
                 xv, yv = evals[(n, "val")]
                 pv, _ = predict_probs(model, xv)
-                a = float((pv.argmax(1) == yv).mean())
-                logs[f"val_acc_{n}"] = a
-                accs.append(a)
-        logs["val_score"] = float(np.mean(accs))
+                hits = int((pv.argmax(1) == yv).sum())
+                logs[f"val_acc_{n}"] = hits / len(yv)
+                correct.append(hits)
+                counts.append(len(yv))
+        logs["val_score"] = selection_score(correct, counts, cfg.select)
         logs["val_accuracy"] = logs[f"val_acc_{names[0]}"]
         logs["epoch"] = epoch + 1
         log_rows.append(logs)
@@ -494,7 +517,7 @@ def train(
         },
         "mapping": mapping.name,
         "best_epoch": best["epoch"],
-        "best_rule": "highest mean validation accuracy over the sources with a val split",
+        "best_rule": SELECT_RULES[cfg.select],
         "per_source": per_source,
         "operating_point": op,
         "operating_point_rule": op_rule,

@@ -80,10 +80,16 @@ def train_cmd(
     learning_rate: float = typer.Option(
         3e-3, "--lr", min=1e-6, max=1.0, help="Peak learning rate."
     ),
+    select: str = typer.Option(
+        "mean",
+        "--select",
+        help="Best epoch by 'mean' val accuracy over the data sets (each counts alike) or "
+        "'pooled' over all their val cells (each cell counts alike).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ) -> None:
-    """Train the cell classifier from scratch; best epoch (mean val accuracy over the data
-    sets) kept."""
+    """Train the cell classifier from scratch; best epoch (mean or pooled val accuracy over
+    the data sets) kept."""
     _quiet_tf()
     from edgecells.edge.mappings import load_mapping
     from edgecells.training.augment import ColourAugment
@@ -102,6 +108,7 @@ def train_cmd(
         init=str(init) if init else None,
         learning_rate=learning_rate,
         colour=ColourAugment(enabled=not no_colour),
+        select=select,
     )
     cmap = load_mapping(mapping)
     with progress(remaining=True, keep=True) as bar:
