@@ -323,6 +323,9 @@ def main() -> None:
     ap.add_argument("--local-share", type=float, default=AdaptConfig_default("local_share"))
     ap.add_argument("--select-drop", type=float, default=AdaptConfig_default("select_drop_pp"))
     ap.add_argument("--no-interpolate", action="store_true", help="keep the fine-tuned weights")
+    ap.add_argument(
+        "--train-bn", action="store_true", help="BatchNorm statistics follow the local cells"
+    )
     args = ap.parse_args()
     splits = args.splits.split(",")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -369,6 +372,7 @@ def main() -> None:
                 local_share=args.local_share,
                 select_drop_pp=args.select_drop,
                 interpolate=not args.no_interpolate,
+                freeze_bn=not args.train_bn,
             )
             r = adapt_bundle(
                 args.bundle,
