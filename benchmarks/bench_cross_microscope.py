@@ -109,24 +109,21 @@ def operating_points(
 ) -> list[dict[str, float]]:
     """For each minimum abnormal sensitivity: the threshold on p(abnormal) with the highest
     specificity on PBC **val** at that sensitivity, and what it gives on val and test."""
+    from edgecells.edge.metrics import choose_operating_point
+
     ab = np.asarray(b.abnormal_mask, bool)
     abnormal = set(np.array(b.classes)[ab])
     pv, pt = (crop_probs(b, clf, r)[:, ab].sum(1) for r in (val, test))
     yv, yt = (np.array([r.label in abnormal for r in recs]) for recs in (val, test))
     out = []
     for ms in min_sens:
-        ts = np.unique(pv)
-        sens = np.array([(pv[yv] >= t).mean() for t in ts])
-        spec = np.array([(pv[~yv] < t).mean() for t in ts])
-        ok = np.nonzero(sens >= ms)[0]
-        k = ok[np.lexsort((ts[ok], spec[ok]))[-1]]  # highest specificity, then threshold
-        t = float(ts[k])
+        t = choose_operating_point(yv, pv, ms)  # what `edgecells train` fits on val
         out.append(
             {
                 "min_sensitivity": ms,
                 "threshold": t,
-                "val_sensitivity": float(sens[k]),
-                "val_specificity": float(spec[k]),
+                "val_sensitivity": float((pv[yv] >= t).mean()),
+                "val_specificity": float((pv[~yv] < t).mean()),
                 "test_sensitivity": float((pt[yt] >= t).mean()),
                 "test_specificity": float((pt[~yt] < t).mean()),
             }
@@ -248,9 +245,10 @@ def run(bundle: str, data: Path, robustness: bool) -> dict[str, Any]:
         "field_um": b.field_um,
         "pixel_size_um": b.pixel_size_um,
     }
-    pbc = [r for r in cell_records(data / "pbc", m) if r.split == "test"]
+    pbc_all = cell_records(data / "pbc", m)
+    pbc = [r for r in pbc_all if r.split == "test"]
     res["PBC test"] = crop_scores(b, clf, pbc)
-    pbc_val = [r for r in cell_records(data / "pbc", m) if r.split == "val"]
+    pbc_val = [r for r in pbc_all if r.split == "val"]
     res["PBC operating points"] = operating_points(b, clf, pbc_val, pbc)
     bccd = bccd_records(data / "bccd")
     res["BCCD all"] = frame_scores(b, clf, bccd, PIXEL_SIZE_UM["bccd"])

@@ -116,14 +116,11 @@ TRANSFORMS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], float]] = {
 CORRECTIONS = ROOT / "benchmarks" / "annotation_corrections" / "corrections.csv"
 
 
-def load_set(
-    data: Path, name: str, corrected: bool = False
-) -> tuple[list[tuple[np.ndarray, dict[str, list[Box]]]], float]:
-    """Frames with their VOC boxes and the set's pixel size (µm/px).
+Frames = list[tuple[np.ndarray, dict[str, list[Box]]]]
 
-    ``corrected``: with the annotation corrections of ``annotation_corrections/`` applied
-    (white cells the VOC files missed or misplaced, found by eye).
-    """
+
+def load_set(data: Path, name: str) -> tuple[Frames, float, list[str]]:
+    """Frames with their VOC boxes, the set's pixel size (µm/px) and the frame names."""
     if name.startswith("bccd-"):
         root = data / "bccd" / "BCCD"
         lists = {"bccd-test": ["test"], "bccd-trainval": ["trainval"]}[name]
@@ -148,12 +145,18 @@ def load_set(
         px = float(PIXEL_SIZES["deepbionet"]["pixel_size_um"])  # type: ignore[arg-type]
     else:
         raise SystemExit(f"unknown set {name!r}")
-    fixes = read_corrections(CORRECTIONS) if corrected else {}
-    source = "bccd" if name.startswith("bccd-") else "deepbionet"
+    return [(read_image(f), read_voc(a)) for f, a in items], float(px), [f.stem for f, _ in items]
+
+
+def corrected(frames: Frames, stems: list[str], set_name: str) -> Frames:
+    """The same frames with the annotation corrections of ``annotation_corrections/``
+    applied to their boxes (white cells the VOC files missed or misplaced, found by eye)."""
+    fixes = read_corrections(CORRECTIONS)
+    source = "bccd" if set_name.startswith("bccd-") else "deepbionet"
     return [
-        (read_image(f), apply_corrections(read_voc(a), fixes.get((source, f.stem), [])))
-        for f, a in items
-    ], float(px)
+        (img, apply_corrections(boxes, fixes.get((source, stem), [])))
+        for (img, boxes), stem in zip(frames, stems)
+    ]
 
 
 def score(
@@ -221,7 +224,7 @@ def main() -> None:
     cfg = DetectConfig()
     result: dict[str, object] = {"sets": {}, "speed_ms_per_frame": {}}
     for set_name in args.sets.split(","):
-        frames, px = load_set(args.data, set_name)
+        frames, px, stems = load_set(args.data, set_name)
         rows = {}
         for tname in args.transforms.split(","):
             fn, factor = TRANSFORMS[tname]
@@ -240,8 +243,7 @@ def main() -> None:
                     )
             if tname == "none":
                 # the same frames scored against the corrected labels
-                cframes, _ = load_set(args.data, set_name, corrected=True)
-                w, p = score(dets["new"], cframes, factor)
+                w, p = score(dets["new"], corrected(tframes, stems, set_name), factor)
                 rows["corrected-labels/new"] = {"wbc": w.to_dict(), "platelets": p.to_dict()}
                 if not args.json:
                     print(
