@@ -320,6 +320,7 @@ def adapt_bundle(
             threads=threads,
             replay=(rx, ry, rdesc),
             check=child_check,
+            test_time_views=parent.test_time_views,  # the child averages what the parent did
         )
     new = load_bundle(out)
     step("scoring the adapted bundle")

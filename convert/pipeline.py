@@ -243,6 +243,7 @@ def convert_model(
     training_files: bool = True,
     replay: tuple[np.ndarray, np.ndarray, str] | None = None,
     check: tuple[np.ndarray, np.ndarray, str] | None = None,
+    test_time_views: list[str] | None = None,
 ) -> ConvertResult:
     """Convert, write, verify and validate a bundle. Never raises on a failed gate: the
     caller decides (``ConvertResult.failures``); the report is always written.
@@ -313,6 +314,7 @@ def convert_model(
         validation={},
         provenance=provenance,
         pixel_size_um=calib.manifest.get("preprocessing", {}).get("pixel_size_um"),
+        test_time_views=test_time_views,
     )
     labelled_calib = not calib.manifest.get("synthetic") and list(calib.classes) == list(classes)
     if (

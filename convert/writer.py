@@ -105,9 +105,10 @@ def build_manifest(
     crop: dict[str, Any] | None = None,
     thresholds: dict[str, Any] | None = None,
     pixel_size_um: float | None = None,
+    test_time_views: list[str] | None = None,
 ) -> dict[str, Any]:
     """A schema-v1 manifest (see edge/bundle/__init__.py); crop/thresholds default from
-    defaults.json."""
+    defaults.json; ``test_time_views`` other than ["identity"] are recorded."""
     from edgecells import __version__
 
     d = defaults()
@@ -123,6 +124,8 @@ def build_manifest(
             "stats": "crop",
             "function": "prepare_cell-v2",
         }
+    if test_time_views and list(test_time_views) != ["identity"]:
+        pre["test_time_views"] = list(test_time_views)
     prov = {
         "edgecells_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -365,6 +365,10 @@ def fit_thresholds(
     return {"thresholds": thresholds, "report": report}
 
 
+# the abnormal sensitivity `edgecells train` chooses its operating point for (TrainConfig)
+OPERATING_SENSITIVITY = 0.98
+
+
 def apply_thresholds(manifest: dict[str, Any], fitted: dict[str, Any]) -> dict[str, Any]:
     """``manifest`` with the fitted thresholds in place (``operating_point`` moves to
     ``validation``: the device never reads it)."""
@@ -384,15 +388,22 @@ def refit_bundle(
     model_id: str | None = None,
     target_unidentified: float = TARGET_UNIDENTIFIED,
     tick: Callable[[int, int], None] | None = None,
+    views: list[str] | None = None,
 ) -> dict[str, Any]:
     """Refit a bundle folder's thresholds on ``data``'s validation split (manifest rewritten
-    atomically; model files untouched). Returns the fit report."""
+    atomically; model files untouched). Returns the fit report.
+
+    ``views``: first set the bundle's test-time views (``preprocessing.test_time_views``),
+    so that the thresholds are fitted on the probabilities the device will average."""
     from edgecells.edge.backends import open_classifier
-    from edgecells.edge.bundle import load_bundle, read_manifest, write_manifest
+    from edgecells.edge.bundle import check_views, load_bundle, read_manifest, write_manifest
 
     b = load_bundle(bundle_path)
     if b.source and Path(b.source).is_file():
         raise EdgecellsError(f"{b.source}: refit a bundle folder, not an archive")
+    if views is not None:  # in memory until the fit succeeds: nothing half-written
+        v = check_views(list(views), str(b.root), "--views")
+        b.preprocessing = {**b.preprocessing, "test_time_views": v}
     clf = open_classifier(b, model_id=model_id) if model_id else open_classifier(b)
     try:
         val = run_split(b, clf, data, "val", tick)
@@ -400,7 +411,27 @@ def refit_bundle(
         clf.close()
     fitted = fit_thresholds(b, val, target_unidentified)
     fitted["report"]["model"] = getattr(clf, "model_id", None) or model_id or "default"
+    fitted["report"]["test_time_views"] = b.test_time_views
+    # the fitted values hold only for this averaged output: record what they were fitted on
+    fitted["thresholds"]["ood"]["test_time_views"] = b.test_time_views
     manifest = apply_thresholds(read_manifest(b.root), fitted)
+    if views is not None and "classifier_operating_point" in manifest.get("validation", {}):
+        # the classifier's abnormal operating point (reported, not used by the device) is
+        # re-chosen on the same validation split for the averaged output, at the training
+        # default's sensitivity
+        from edgecells.edge.metrics import choose_operating_point
+
+        ab = np.asarray(b.abnormal_mask, bool)
+        y_ab = ab[val.y]
+        if y_ab.any() and (~y_ab).any():
+            manifest["validation"]["classifier_operating_point"] = choose_operating_point(
+                y_ab, val.probs[:, ab].sum(axis=1), OPERATING_SENSITIVITY
+            )
+    if views is not None:
+        pre = {k: x for k, x in manifest["preprocessing"].items() if k != "test_time_views"}
+        if b.test_time_views != ["identity"]:
+            pre["test_time_views"] = b.test_time_views
+        manifest["preprocessing"] = pre
     write_manifest(b.root, manifest)
     load_bundle(b.root)
     return fitted["report"]

@@ -16,8 +16,8 @@ import importlib
 import os
 from types import ModuleType
 
-from edgecells.edge.backends.base import MAX_BATCH, BaseClassifier, Classifier
-from edgecells.edge.bundle import Bundle, load_bundle
+from edgecells.edge.backends.base import MAX_BATCH, BaseClassifier, Classifier, ViewAveraged
+from edgecells.edge.bundle import Bundle, check_views, load_bundle
 from edgecells.edge.errors import EdgecellsError
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "BACKENDS",
     "BaseClassifier",
     "Classifier",
+    "ViewAveraged",
     "available_backends",
     "backend_module",
     "open_classifier",
@@ -61,13 +62,31 @@ def open_classifier(
     precision: str = "int8",
     model_id: str | None = None,
     max_batch: int = MAX_BATCH,
+    views: list[str] | None = None,
 ) -> Classifier:
     """Open the bundle's model on a backend; ``bundle`` None = the shipped reference bundle.
 
     ``backend``: ``auto`` or one of :data:`BACKENDS` (aliases: tflite, onnx, ov).
     ``precision``: ``int8`` (deployed) or ``float32`` (reference models, if kept).
     ``model_id`` picks a model by its manifest id and overrides backend/precision.
+    ``views``: test-time views to average (default: the bundle's
+    ``preprocessing.test_time_views``; ``["identity"]`` = the raw model).
     """
+    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    clf = _open_raw(b, backend, threads, precision, model_id, max_batch)
+    v = b.test_time_views if views is None else check_views(list(views), "open_classifier", "views")
+    return clf if v == ["identity"] else ViewAveraged(clf, v)
+
+
+def _open_raw(
+    bundle: Bundle | str | os.PathLike[str] | None = None,
+    backend: str = "auto",
+    threads: int | None = None,
+    precision: str = "int8",
+    model_id: str | None = None,
+    max_batch: int = MAX_BATCH,
+) -> Classifier:
+    """The backend's classifier for the bundle's raw model (no test-time views)."""
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     if model_id is not None:
         model = b.model(model_id=model_id)

@@ -121,3 +121,46 @@ class BaseClassifier:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.model.id} ({self.backend})>"
+
+
+def _view(batch: np.ndarray, name: str) -> np.ndarray:
+    """One test-time view of a (N, S, S, 3) batch (a pure pixel permutation)."""
+    if name == "hflip":
+        v = batch[:, :, ::-1]
+    elif name == "vflip":
+        v = batch[:, ::-1]
+    elif name == "transpose":
+        v = batch.transpose(0, 2, 1, 3)
+    elif name == "rot180":
+        v = batch[:, ::-1, ::-1]
+    else:
+        v = batch
+    return np.ascontiguousarray(v)
+
+
+class ViewAveraged:
+    """A :class:`Classifier` whose probabilities are the mean over test-time views of each
+    crop (the bundle's ``preprocessing.test_time_views``): one inference per view, so the
+    inference stage costs that many times as much; everything else is unchanged."""
+
+    def __init__(self, inner: Classifier, views: list[str]) -> None:
+        self.inner = inner
+        self.views = list(views)
+        self.backend = inner.backend
+        self.model = inner.model
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        if not isinstance(batch, np.ndarray) or batch.ndim not in (3, 4):
+            return self.inner.predict(batch)  # the inner backend names the problem
+        b = batch[None] if batch.ndim == 3 else batch
+        total = None
+        for name in self.views:
+            p = np.asarray(self.inner.predict(_view(b, name)), dtype=np.float64)
+            total = p if total is None else total + p
+        return (total / len(self.views)).astype(np.float32)  # type: ignore[operator]
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __getattr__(self, name: str) -> object:  # threads, max_batch, ... of the backend
+        return getattr(self.inner, name)

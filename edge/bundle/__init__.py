@@ -30,7 +30,11 @@ Manifest schema, version 1 (``manifest.json``, UTF-8 JSON object)::
                                              #   is cut at input_size x pixel_size_um um and
                                              #   resampled to it BEFORE stain normalization
         "stats": "crop",                     # Reinhard statistics: the resampled crop's own
-        "function": "prepare_cell-v2"
+        "function": "prepare_cell-v2",
+        "test_time_views": ["identity", "hflip"]   # optional: class probabilities are the
+                                             #   mean over these views of the prepared crop
+                                             #   (VIEWS; absent = ["identity"]); thresholds
+                                             #   are fitted on the same averaged output
       },
       "crop": {                              # how the device cuts a cell crop from a frame
         "side_um": 20.0                      # the model's field, um (= input_size x
@@ -109,12 +113,14 @@ from edgecells.edge.bundle.manifest import (
     SCHEMA,
     SCHEMA_VERSION,
     STAIN_METHODS,
+    VIEWS,
     Bundle,
     FileEntry,
     ModelEntry,
     Range,
     TensorSpec,
     check_ranges,
+    check_views,
     decode_manifest,
     loads_strict,
     parse_manifest,
@@ -139,12 +145,14 @@ __all__ = [
     "SCHEMA",
     "SCHEMA_VERSION",
     "STAIN_METHODS",
+    "VIEWS",
     "Bundle",
     "FileEntry",
     "ModelEntry",
     "Range",
     "TensorSpec",
     "check_ranges",
+    "check_views",
     "default_bundle_path",
     "extract_archive",
     "file_entry",

@@ -26,6 +26,10 @@ STAIN_METHODS = ("reinhard-fixed-v1", "none")
 # Optional files for site adaptation (``training`` section): the float source model and
 # the replay/check set of the original training data (see edgecells.convert.trainfiles).
 TRAINING_KEYS = ("source_model", "replay")
+# test-time views whose class probabilities the device averages (preprocessing.
+# test_time_views; absent = ["identity"]): the crop, mirrored left-right, top-bottom,
+# transposed, turned 180 degrees. Pure pixel permutations of the prepared crop.
+VIEWS = ("identity", "hflip", "vflip", "transpose", "rot180")
 
 MAX_MANIFEST_BYTES = 4 << 20
 SELFTEST_MAX_SAMPLES = 256
@@ -90,6 +94,23 @@ RANGES: list[Range] = [
     Range("thresholds.domain.input_focus.high", "number", 0.0, 1e7),
     Range("thresholds.domain.max_scale_ratio", "number", 1.0, 10.0, lo_open=True),
 ]
+
+
+def check_views(
+    views: Any, mpath: str = MANIFEST_NAME, what: str = "preprocessing.test_time_views"
+) -> list[str]:
+    """Test-time views: a list of 1..5 distinct names from :data:`VIEWS`."""
+    if (
+        not isinstance(views, list)
+        or not 1 <= len(views) <= len(VIEWS)
+        or any(not isinstance(v, str) or v not in VIEWS for v in views)
+        or len(set(views)) != len(views)
+    ):
+        raise EdgecellsError(
+            f"{mpath}: {what} must be a list of distinct names from {', '.join(VIEWS)}; "
+            f"got {views!r}"
+        )
+    return list(views)
 
 
 def _no_nonfinite(obj: Any, mpath: str, path: str = "") -> None:
@@ -279,6 +300,11 @@ class Bundle:
         return float(px)
 
     @property
+    def test_time_views(self) -> list[str]:
+        """Views of each prepared crop whose probabilities the device averages."""
+        return list(self.preprocessing.get("test_time_views", ["identity"]))
+
+    @property
     def field_um(self) -> float:
         """The model's field of view, µm (a cell is cut at this side)."""
         return self.input_size * self.pixel_size_um
@@ -362,6 +388,7 @@ class Bundle:
             "abnormal": self.abnormal_classes,
             "input_size": self.input_size,
             "stain_normalization": self.preprocessing.get("stain_normalization"),
+            "test_time_views": self.test_time_views,
             "models": [
                 {
                     "id": m.id,
@@ -598,6 +625,7 @@ def parse_manifest(manifest: Any, mpath: str = MANIFEST_NAME) -> dict[str, Any]:
         )
     if pre.get("stats", "crop") != "crop":
         raise EdgecellsError(f'{mpath}: preprocessing.stats must be "crop"')
+    check_views(pre.get("test_time_views", ["identity"]), mpath)
     thresholds = _req(manifest, "thresholds", dict, mpath)
     screening = thresholds.get("screening", {})
     if screening is not None and not isinstance(screening, dict):

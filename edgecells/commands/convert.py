@@ -460,6 +460,11 @@ def info(
         f"{s['stain_normalization']}, classes: {', '.join(b.classes)}; abnormal: "
         f"{', '.join(b.abnormal_classes) or '-'}"
     )
+    if b.test_time_views != ["identity"]:
+        out.print(
+            f"test-time views: {', '.join(b.test_time_views)} (the device averages their "
+            "probabilities; the accuracy column is the single-view conversion check)"
+        )
     t = Table()
     for col in ("model", "backend", "role", "size", "input", "output", "accuracy", "agree"):
         t.add_column(col)
@@ -502,6 +507,12 @@ def refit(
     target_unidentified: float = typer.Option(
         0.02, "--target-unidentified", help="Share of known validation cells left unidentified."
     ),
+    views: str | None = typer.Option(
+        None,
+        "--views",
+        help="Test-time views to average, comma-separated (identity, hflip, vflip, "
+        "transpose, rot180; e.g. identity,hflip); set before the refit. Default: keep.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the fit report as JSON."),
 ) -> None:
     """Refit a bundle's temperature, OOD threshold, flag thresholds, per-cell rates and
@@ -518,6 +529,7 @@ def refit(
             model_id,
             target_unidentified,
             lambda n, t: bar.update(task, total=t, completed=n),
+            [v.strip() for v in views.split(",")] if views is not None else None,
         )
     if as_json:
         print(jsonsafe.dumps(rep, indent=2))
@@ -527,6 +539,8 @@ def refit(
 
 def _print_refit(bundle: Any, rep: dict[str, Any]) -> None:
     out.print(f"[bold]{bundle}[/]: thresholds refitted on {rep['data']}")
+    if rep.get("test_time_views", ["identity"]) != ["identity"]:
+        out.print(f"test-time views: {', '.join(rep['test_time_views'])} (probabilities averaged)")
     out.print(
         f"temperature {rep['temperature']:g} (ECE {rep['ece_before']:.2%} -> "
         f"{rep['ece_after']:.2%}), OOD threshold {rep['ood_threshold']:.4f} "
