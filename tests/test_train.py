@@ -166,3 +166,37 @@ def test_pooled_selection_is_recorded(tmp_path):
     assert m["config"]["select"] == "pooled" and "pooled" in m["best_rule"]
     (row,) = list(csv.DictReader((tmp_path / "train_log.csv").open()))
     assert float(row["val_score"]) == pytest.approx(float(row["val_acc_pbc"]))
+
+
+def test_augment_overrides_set_fields_and_refuse_bad_values():
+    from edgecells.training.augment import ColourAugment, parse_overrides
+
+    c = parse_overrides(["blur_p=0.6", "blur-sigma=1.5", "jpeg_min_quality=50"])
+    assert (c.blur_p, c.blur_sigma, c.jpeg_min_quality) == (0.6, 1.5, 50)
+    assert isinstance(c.jpeg_min_quality, int) and c.enabled
+    assert c.scale == ColourAugment().scale  # untouched fields keep their defaults
+    for bad, msg in [
+        ("foo=1", "KEY one of"),
+        ("blur_p", "KEY one of"),
+        ("blur_p=x", "not a number"),
+        ("blur_p=1.5", "probability"),
+        ("scale=-0.1", ">= 0"),
+        ("scale=nan", "finite"),
+        ("jpeg_min_quality=40.5", "integer"),
+    ]:
+        with pytest.raises(EdgecellsError, match=msg):
+            parse_overrides([bad])
+
+
+def test_cli_train_refuses_bad_augment_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgecells", "train", "--data", str(tmp_path), "--out",
+         str(tmp_path / "m.keras"), "--augment", "blur_p=2"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    err = proc.stderr.strip()
+    assert proc.returncode != 0 and "probability" in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1

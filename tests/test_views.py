@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shared_data_path
 
 from edgecells.edge.backends import ViewAveraged, open_classifier
 from edgecells.edge.bundle import load_bundle
 from edgecells.edge.errors import EdgecellsError
-from tests.conftest import shared_data_path
 
 TINY = Path(__file__).parent / "fixtures" / "bundle_tiny"
 REFERENCE = Path(__file__).resolve().parents[1] / "edge" / "data" / "bundles" / "reference"

@@ -66,6 +66,43 @@ class ColourAugment:
         return asdict(self)
 
 
+def parse_overrides(items: Sequence[str], base: ColourAugment | None = None) -> ColourAugment:
+    """``ColourAugment`` with ``KEY=VALUE`` overrides (``edgecells train --augment``): each
+    key a numeric field of :class:`ColourAugment`, each value a finite number >= 0 (an
+    integer for integer fields; probabilities ``*_p`` at most 1)."""
+    import dataclasses
+    import math
+
+    from edgecells.edge.errors import EdgecellsError
+
+    cfg = base or ColourAugment()
+    fields = {f.name: f for f in dataclasses.fields(ColourAugment) if f.name != "enabled"}
+    changes: dict[str, float | int] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in fields:
+            raise EdgecellsError(
+                f"--augment {item!r}: expected KEY=VALUE with KEY one of {', '.join(fields)}"
+            )
+        try:
+            val = float(raw)
+        except ValueError:
+            raise EdgecellsError(f"--augment {item!r}: {raw!r} is not a number") from None
+        if not math.isfinite(val) or val < 0 or (key.endswith("_p") and val > 1):
+            raise EdgecellsError(
+                f"--augment {item!r}: must be a finite number >= 0"
+                + (" and <= 1 (a probability)" if key.endswith("_p") else "")
+            )
+        if isinstance(getattr(cfg, key), int):
+            if val != int(val):
+                raise EdgecellsError(f"--augment {item!r}: {key} takes an integer")
+            changes[key] = int(val)
+        else:
+            changes[key] = val
+    return dataclasses.replace(cfg, **changes)  # type: ignore[arg-type]
+
+
 def _u(rng: np.random.Generator, x: float) -> float:
     return float(rng.uniform(-x, x))
 

@@ -74,6 +74,12 @@ def train_cmd(
     variants: int = typer.Option(
         4, "--variants", min=1, max=32, help="Augmented variants per training cell."
     ),
+    augment: list[str] = typer.Option(
+        [],
+        "--augment",
+        help="Override a pre-normalization augmentation range, KEY=VALUE (repeatable), e.g. "
+        "blur_p=0.6 blur_sigma=1.5 scale=0.25 (fields of training.augment.ColourAugment).",
+    ),
     init: Path | None = typer.Option(
         None, "--init", help="Start from this .keras model's weights (same architecture)."
     ),
@@ -92,8 +98,12 @@ def train_cmd(
     the data sets) kept."""
     _quiet_tf()
     from edgecells.edge.mappings import load_mapping
-    from edgecells.training.augment import ColourAugment
+    from edgecells.training.augment import ColourAugment, parse_overrides
     from edgecells.training.train import TrainConfig, TrainProgress, train
+
+    if augment and no_colour:
+        raise EdgecellsError("--augment and --no-colour contradict each other")
+    colour = parse_overrides(augment) if augment else ColourAugment(enabled=not no_colour)
 
     cfg = TrainConfig(
         size=size,
@@ -107,7 +117,7 @@ def train_cmd(
         variants=variants,
         init=str(init) if init else None,
         learning_rate=learning_rate,
-        colour=ColourAugment(enabled=not no_colour),
+        colour=colour,
         select=select,
     )
     cmap = load_mapping(mapping)
