@@ -181,6 +181,8 @@ def test_uint8_io_and_archive(work: dict, converted: tuple) -> None:
         "--no-keep-float",
         "--max-drop",
         "100",
+        "--views",
+        "identity,hflip",
         "--json",
     )
     assert proc.returncode == 0, proc.stderr
@@ -191,14 +193,25 @@ def test_uint8_io_and_archive(work: dict, converted: tuple) -> None:
     m = b.model("tflite")
     assert m.input.dtype == "uint8" and m.input.zero_point == 0
     assert not (out / "model_float32.tflite").exists()
+    assert b.test_time_views == ["identity", "hflip"]  # --views recorded in the manifest
     assert "not held out" in res["validation_data"]
     int8_proc, int8_out = converted
     assert int8_proc.returncode == 0, int8_proc.stderr
     x = load_calibset(work["good"]).x
-    u8 = open_classifier(b, backend="litert").predict(x)
+    u8 = open_classifier(b, backend="litert", views=["identity"]).predict(x)
     i8 = open_classifier(load_bundle(int8_out), backend="litert").predict(x)
     assert (u8.argmax(1) == i8.argmax(1)).all()
     assert np.abs(u8 - i8).max() <= 1 / 256 + 1e-6  # at most one output quantization step
+
+
+def test_convert_refuses_bad_views_with_one_line(work: dict) -> None:
+    proc = _cli(
+        "convert", str(work["model"]), "--calibration", str(work["good"]),
+        "--out", str(work["dir"] / "badviews"), "--views", "identity,mirror",
+    )  # fmt: skip
+    err = proc.stderr.strip()
+    assert proc.returncode != 0 and "--views" in err and "Traceback" not in err
+    assert not (work["dir"] / "badviews").exists()
 
 
 def test_onnx_source_converts_to_onnx_and_openvino(work: dict, converted: tuple) -> None:

@@ -202,6 +202,12 @@ def convert(
         "--training-files/--no-training-files",
         help="Put the float Keras model and a replay set in the bundle (for `edgecells adapt`).",
     ),
+    views: str | None = typer.Option(
+        None,
+        "--views",
+        help="Test-time views the device averages, comma-separated (identity, hflip, vflip, "
+        "transpose, rot180); validation and threshold fitting use them too. Default: identity.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Quantize a model to int8 TFLite / OpenVINO / ONNX, validate, and write a bundle."""
@@ -212,6 +218,11 @@ def convert(
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ logs quiet
     fmts = pipeline.parse_formats(formats)
+    view_list = None
+    if views is not None:
+        from edgecells.edge.bundle import check_views
+
+        view_list = check_views([v.strip() for v in views.split(",")], "convert", "--views")
     if validate_split not in ("test", "val", "all"):
         raise EdgecellsError(f"--validate-split must be test, val or all, not {validate_split!r}")
     if archive_format not in ("tar.gz", "zip"):
@@ -298,6 +309,7 @@ def convert(
             continue_on_error=zoo is not None,
             analyse_layers=zoo is None,  # random zoo weights: disagreement says nothing
             training_files=training_files and zoo is None,
+            test_time_views=view_list,
         )
     gate_failed = [f for f in result.failures if "conversion failed" not in f]
     if (
@@ -463,7 +475,7 @@ def info(
     if b.test_time_views != ["identity"]:
         out.print(
             f"test-time views: {', '.join(b.test_time_views)} (the device averages their "
-            "probabilities; the accuracy column is the single-view conversion check)"
+            "probabilities)"
         )
     t = Table()
     for col in ("model", "backend", "role", "size", "input", "output", "accuracy", "agree"):
