@@ -19,6 +19,8 @@ in the tf.data pipeline (training/train.py).
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +32,7 @@ import numpy as np
 
 from edgecells.calibration.cellsets import CellRecord, records_key
 from edgecells.calibration.datasets import default_cache_dir
+from edgecells.edge.errors import EdgecellsError
 from edgecells.edge.imageio import read_image
 from edgecells.edge.preprocess import cut_square, field_side_px, normalize_small, square_resize
 from edgecells.edge.stain import ReinhardNormalizer, StainTarget
@@ -70,11 +73,6 @@ def parse_overrides(items: Sequence[str], base: ColourAugment | None = None) -> 
     """``ColourAugment`` with ``KEY=VALUE`` overrides (``edgecells train --augment``): each
     key a numeric field of :class:`ColourAugment`, each value a finite number >= 0 (an
     integer for integer fields; probabilities ``*_p`` at most 1)."""
-    import dataclasses
-    import math
-
-    from edgecells.edge.errors import EdgecellsError
-
     cfg = base or ColourAugment()
     fields = {f.name: f for f in dataclasses.fields(ColourAugment) if f.name != "enabled"}
     changes: dict[str, float | int] = {}

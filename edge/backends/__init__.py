@@ -73,21 +73,20 @@ def open_classifier(
     ``preprocessing.test_time_views``; ``["identity"]`` = the raw model).
     """
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-    clf = _open_raw(b, backend, threads, precision, model_id, max_batch)
     v = b.test_time_views if views is None else check_views(list(views), "open_classifier", "views")
+    clf = _open_raw(b, backend, threads, precision, model_id, max_batch)
     return clf if v == ["identity"] else ViewAveraged(clf, v)
 
 
 def _open_raw(
-    bundle: Bundle | str | os.PathLike[str] | None = None,
-    backend: str = "auto",
-    threads: int | None = None,
-    precision: str = "int8",
-    model_id: str | None = None,
-    max_batch: int = MAX_BATCH,
+    b: Bundle,
+    backend: str,
+    threads: int | None,
+    precision: str,
+    model_id: str | None,
+    max_batch: int,
 ) -> Classifier:
     """The backend's classifier for the bundle's raw model (no test-time views)."""
-    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     if model_id is not None:
         model = b.model(model_id=model_id)
         mod = backend_module(model.backend)
