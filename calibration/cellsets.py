@@ -36,6 +36,7 @@ import numpy as np
 from edgecells.calibration.datasets import default_cache_dir, load_dataset
 from edgecells.calibration.pixel_sizes import pixel_size_for
 from edgecells.edge.errors import EdgecellsError
+from edgecells.edge.fileio import atomic_save
 from edgecells.edge.imageio import read_image
 from edgecells.edge.mappings import ClassMapping
 from edgecells.edge.preprocess import PREPROCESS_VERSION, prepare_cell
@@ -230,8 +231,5 @@ def prepare_records(
             x[i] = a
     y = np.array([list(classes).index(r.label) for r in records], dtype=np.int64)
     if use_cache:
-        cfile.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cfile.with_name(cfile.name + ".tmp.npz")
-        np.savez(tmp, x=x, y=y)
-        os.replace(tmp, cfile)
+        atomic_save(cfile, lambda f: np.savez(f, x=x, y=y), fsync=False)
     return x, y

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from edgecells.edge.errors import EdgecellsError
-from edgecells.edge.fileio import user_cache_dir, write_json_atomic
+from edgecells.edge.fileio import atomic_save, user_cache_dir, write_json_atomic
 from edgecells.edge.imageio import IMAGE_SUFFIXES, read_image
 from edgecells.edge.mappings import ClassMapping
 from edgecells.edge.preprocess import PREPROCESS_VERSION, prepare_crop
@@ -376,14 +376,15 @@ def load_split(
             n += 1
     loaded = LoadedSplit(x[:n].copy(), y[:n].copy(), paths, skipped, cfile, False)
     if use_cache:
-        cdir.mkdir(parents=True, exist_ok=True)
-        tmp = cfile.with_name(cfile.name + ".tmp.npz")
-        np.savez(
-            tmp,
-            x=loaded.x,
-            y=loaded.y,
-            paths=np.array(paths, dtype=str),
-            skipped=np.array(json.dumps(skipped)),
+        atomic_save(  # a unique temporary name: two commands may fill the cache at once
+            cfile,
+            lambda f: np.savez(
+                f,
+                x=loaded.x,
+                y=loaded.y,
+                paths=np.array(paths, dtype=str),
+                skipped=np.array(json.dumps(skipped)),
+            ),
+            fsync=False,
         )
-        os.replace(tmp, cfile)
     return loaded

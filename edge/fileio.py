@@ -16,8 +16,9 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from edgecells.edge.errors import EdgecellsError
 from edgecells.edge.jsonsafe import dumps
@@ -70,8 +71,14 @@ def read_limited(path: Path, max_bytes: int, too_large: str) -> bytes:
         raise EdgecellsError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int | None = None) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync it, give it ``mode``
+def atomic_save(
+    path: str | os.PathLike[str],
+    write: Callable[[IO[bytes]], None],
+    mode: int | None = None,
+    fsync: bool = True,
+) -> None:
+    """Call ``write`` with a temporary file beside ``path`` (a unique name, so two
+    processes writing the same file at once cannot clash), fsync it, give it ``mode``
     (default: :func:`default_file_mode`), then rename it over ``path``.
 
     The folder is created if needed. Raises OSError (full disk, no permission: the
@@ -81,14 +88,20 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int | None = N
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
         os.chmod(tmp, default_file_mode() if mode is None else mode)
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int | None = None) -> None:
+    """:func:`atomic_save` of ``data``."""
+    atomic_save(path, lambda f: f.write(data), mode)
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, mode: int | None = None) -> None:

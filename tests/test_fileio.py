@@ -6,6 +6,7 @@ import errno
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,3 +45,22 @@ def test_failed_write_keeps_the_old_file_and_says_disk_full(
         fileio.write_text_atomic(p, "new")
     assert exc.value.exit_code == 3
     assert p.read_text() == "old" and [f.name for f in tmp_path.iterdir()] == ["report.html"]
+
+
+def test_two_writers_of_one_cache_file_at_once_both_succeed(tmp_path: Path) -> None:
+    """Two commands filling the same cache file at the same time (two adapt runs reading
+    the PBC val split) must not rename each other's temporary file away: with one fixed
+    temporary name the second rename failed with FileNotFoundError."""
+    import numpy as np
+
+    p = tmp_path / "cache" / "val-64-abc.npz"
+
+    def outer(f: Any) -> None:
+        # the other process writes and renames the same file while this one is writing
+        fileio.atomic_save(p, lambda g: np.savez(g, x=np.arange(3)), fsync=False)
+        np.savez(f, x=np.arange(5))
+
+    fileio.atomic_save(p, outer, fsync=False)
+    with np.load(p) as z:
+        assert z["x"].tolist() == [0, 1, 2, 3, 4]
+    assert [q.name for q in p.parent.iterdir()] == [p.name]  # no temporary file left

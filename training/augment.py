@@ -33,6 +33,7 @@ import numpy as np
 from edgecells.calibration.cellsets import CellRecord, records_key
 from edgecells.calibration.datasets import default_cache_dir
 from edgecells.edge.errors import EdgecellsError
+from edgecells.edge.fileio import atomic_save
 from edgecells.edge.imageio import read_image
 from edgecells.edge.preprocess import cut_square, field_side_px, normalize_small, square_resize
 from edgecells.edge.stain import ReinhardNormalizer, StainTarget
@@ -208,8 +209,5 @@ def augmented_variants(
 
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(one, range(len(records))))
-    cfile.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cfile.with_name(cfile.name + ".tmp.npy")
-    np.save(tmp, out)
-    os.replace(tmp, cfile)
+    atomic_save(cfile, lambda f: np.save(f, out), fsync=False)
     return out
