@@ -323,6 +323,7 @@ def main() -> None:
     ap.add_argument("--local-share", type=float, default=AdaptConfig_default("local_share"))
     ap.add_argument("--select-drop", type=float, default=AdaptConfig_default("select_drop_pp"))
     ap.add_argument("--no-interpolate", action="store_true", help="keep the fine-tuned weights")
+    ap.add_argument("--holdout", type=float, default=AdaptConfig_default("holdout"))
     ap.add_argument(
         "--train-bn", action="store_true", help="BatchNorm statistics follow the local cells"
     )
@@ -373,6 +374,7 @@ def main() -> None:
                 select_drop_pp=args.select_drop,
                 interpolate=not args.no_interpolate,
                 freeze_bn=not args.train_bn,
+                holdout=args.holdout,
             )
             r = adapt_bundle(
                 args.bundle,

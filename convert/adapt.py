@@ -50,6 +50,7 @@ from edgecells.training.adapt import (
     accuracy,
     choose_alpha,
     finetune,
+    load_trainable,
     mix,
     read_local_cells,
     split_holdout,
@@ -188,10 +189,8 @@ def adapt_bundle(
         raise EdgecellsError(f"{parent.root}: only multiclass bundles can be adapted")
     parent_sha = sha256_file(parent.root / MANIFEST_NAME)
     model_path = trainable_model(parent, source_model)
-    import keras
-
     try:
-        model = keras.models.load_model(model_path, compile=False)
+        model = load_trainable(model_path, cfg.seed)  # seeded: reproducible fine-tuning
     except Exception as exc:  # keras raises many types for a bad file
         raise EdgecellsError(f"{model_path}: cannot load Keras model ({exc})") from None
     size = parent.input_size

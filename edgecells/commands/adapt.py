@@ -82,7 +82,7 @@ def adapt(
         seed=seed,
         min_per_class=min_per_class,
         interpolate=interpolate,
-        select_drop_pp=max_drop / 2,
+        select_drop_pp=max_drop,  # the gate's tolerance, on the selection split
     )
     with (
         pipeline.stdout_to_stderr(),
