@@ -324,6 +324,7 @@ def main() -> None:
     ap.add_argument("--select-drop", type=float, default=AdaptConfig_default("select_drop_pp"))
     ap.add_argument("--no-interpolate", action="store_true", help="keep the fine-tuned weights")
     ap.add_argument("--holdout", type=float, default=AdaptConfig_default("holdout"))
+    ap.add_argument("--seed", type=int, default=AdaptConfig_default("seed"))
     ap.add_argument(
         "--train-bn", action="store_true", help="BatchNorm statistics follow the local cells"
     )
@@ -375,6 +376,7 @@ def main() -> None:
                 interpolate=not args.no_interpolate,
                 freeze_bn=not args.train_bn,
                 holdout=args.holdout,
+                seed=args.seed,
             )
             r = adapt_bundle(
                 args.bundle,
