@@ -335,3 +335,15 @@ def test_fine_tuning_a_loaded_model_is_reproducible(tmp_path: Path) -> None:
         weights.append(m.get_weights())
     assert any(not np.array_equal(a, b) for a, b in zip(model.get_weights(), weights[0]))
     assert all(np.array_equal(a, b) for a, b in zip(*weights))
+
+
+def test_adapt_says_how_much_of_the_fine_tuning_it_kept() -> None:
+    from edgecells.commands.adapt import _interpolation_line
+
+    sel = "pbc val split (1707 images)"
+    ok = _interpolation_line({"interpolation": {"alpha": 1.0, "selected_on": sel}})
+    assert "alpha 1" in ok and sel in ok and "warning" not in ok
+    low = _interpolation_line({"interpolation": {"alpha": 0.1, "selected_on": sel}})
+    assert "warning" in low and "10% of the fine-tuning" in low
+    off = _interpolation_line({"interpolation": {"alpha": 1.0, "selected_on": None}})
+    assert "off" in off and "warning" not in off

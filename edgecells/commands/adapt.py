@@ -135,6 +135,29 @@ def _pct(v: Any) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 
 
+LITTLE_KEPT = 0.3  # at or below this interpolation weight, say so
+
+
+def _interpolation_line(d: dict[str, Any]) -> str:
+    """How much of the fine-tuning the new bundle keeps (WiSE-FT weight), with a warning
+    when it is little: then the bundle is close to its parent, whatever the gate says."""
+    ip = d["interpolation"]
+    if ip.get("selected_on") is None:
+        return "interpolation off: the fine-tuned weights are kept whole"
+    a = float(ip["alpha"])
+    line = (
+        f"fine-tuning kept: alpha {a:g} (the largest within the gate's tolerance on "
+        f"{ip['selected_on']})"
+    )
+    if 0 < a <= LITTLE_KEPT:
+        line += (
+            f"\n[yellow]warning:[/] only {a:.0%} of the fine-tuning is kept: every larger "
+            "weight lost more accuracy on the original data; the new bundle is close to its "
+            "parent (label more cells of the classes it gets wrong, or raise --max-drop)"
+        )
+    return line
+
+
 def _print(d: dict[str, Any]) -> None:
     m = d["metrics"]
     t = Table(title=f"adapted bundle -> {d['bundle']}  ({m['format']})")
@@ -150,6 +173,7 @@ def _print(d: dict[str, Any]) -> None:
         + ", ".join(f"{c} {n}" for c, n in ld["counts"].items())
         + f" ({sum(ld['holdout_counts'].values())} held out); replay: {d['replay']['data']}"
     )
+    out.print(_interpolation_line(d))
     gate = "[green]passed[/]" if d["passed"] else "[red]FAILED[/]: " + "; ".join(d["failures"])
     out.print(f"gate {gate}; {d['seconds']:.0f} s, peak memory {d['peak_rss_mb']:.0f} MiB")
 
