@@ -21,6 +21,7 @@ from edgecells.edge.bundle import (
     write_manifest,
 )
 from edgecells.edge.errors import EdgecellsError
+from edgecells.edge.fileio import atomic_save
 
 DEFAULTS_PATH = Path(__file__).resolve().parent / "data" / "defaults.json"
 # A stain target's source list longer than this is left out of the manifest (kept count).
@@ -180,15 +181,17 @@ def archive(bundle_dir: str | os.PathLike[str], dest: str | os.PathLike[str]) ->
     if (root / SIGNATURE_NAME).is_file():
         files.append(SIGNATURE_NAME)
     top = root.resolve().name or "bundle"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
     name = out.name.lower()
-    if name.endswith(".zip"):
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            for f in files:
-                zf.write(root / f, f"{top}/{f}")
-    elif name.endswith((".tar.gz", ".tgz")):
-        with tarfile.open(tmp, "w:gz") as tf:
+    if not name.endswith((".zip", ".tar.gz", ".tgz")):
+        raise EdgecellsError(f"{out}: archive name must end in .tar.gz, .tgz or .zip")
+
+    def write(fh: Any) -> None:
+        if name.endswith(".zip"):
+            with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+                for f in files:
+                    zf.write(root / f, f"{top}/{f}")
+            return
+        with tarfile.open(fileobj=fh, mode="w:gz") as tf:
             for f in files:
                 data = (root / f).read_bytes()
                 info = tarfile.TarInfo(f"{top}/{f}")
@@ -196,7 +199,6 @@ def archive(bundle_dir: str | os.PathLike[str], dest: str | os.PathLike[str]) ->
                 info.mode = 0o644
                 info.mtime = int((root / f).stat().st_mtime)
                 tf.addfile(info, io.BytesIO(data))
-    else:
-        raise EdgecellsError(f"{out}: archive name must end in .tar.gz, .tgz or .zip")
-    os.replace(tmp, out)
+
+    atomic_save(out, write, fsync=False)
     return out

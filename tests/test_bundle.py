@@ -175,7 +175,7 @@ def _file(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
 
 @pytest.mark.parametrize(
     "name, match",
-    [("../evil.txt", r"escapes the bundle"), ("/tmp/evil.txt", "absolute path")],
+    [("../evil.txt", r"escapes the bundle"), ("/evil.txt", "absolute path")],
 )
 def test_tar_traversal_and_absolute_paths(tmp_path: Path, name: str, match: str) -> None:
     info, data = _file(name, b"x")

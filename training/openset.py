@@ -21,6 +21,7 @@ semantics by default), so the command can be stopped and started again.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from edgecells.edge.errors import EdgecellsError
+from edgecells.edge.fileio import atomic_save
 
 DEFAULT_LEFT_OUT = ("basophil", "monocyte", "ig", "erythroblast")
 
@@ -152,9 +154,7 @@ def run_loco(
         fva, lva = _features_and_logits(model, xva)
         fte, lte = _features_and_logits(model, te.x)
         sub = np.random.default_rng(seed).permutation(len(ftr))[:4000]
-        tmp = outd / f".loco-{c}.tmp.npz"
-        np.savez(
-            tmp,
+        arrays = dict(
             left_out=c,
             classes=np.array(mapping.classes),
             known=np.array(known),
@@ -171,7 +171,7 @@ def run_loco(
             epochs=epochs,
             seconds=time.time() - t0,
         )
-        os.replace(tmp, f)
+        atomic_save(f, functools.partial(np.savez, **arrays), fsync=False)
         log(f"{c}: done in {time.time() - t0:.0f} s -> {f}")
     (outd / "loco-config.json").write_text(
         json.dumps({"epochs": epochs, "size": size, "seed": seed, "left_out": list(left_out)})

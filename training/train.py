@@ -38,6 +38,7 @@ from edgecells.calibration.datasets import (
     load_dataset,
 )
 from edgecells.edge.errors import EdgecellsError
+from edgecells.edge.fileio import atomic_save
 from edgecells.edge.mappings import ClassMapping, load_mapping
 from edgecells.edge.metrics import choose_operating_point, evaluate_probabilities
 from edgecells.edge.preprocess import PREPROCESS_VERSION, STATS_SOURCE
@@ -524,7 +525,6 @@ def train(
         "seconds": round(time.time() - t_start, 1),
         **results,
     }
-    tmp = out_dir / f".{METRICS_FILE}.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / METRICS_FILE)
+    text = json.dumps(metrics, indent=2) + "\n"
+    atomic_save(out_dir / METRICS_FILE, lambda f: f.write(text.encode("utf-8")), fsync=False)
     return TrainResult(out_path, metrics, skipped, time.time() - t_start)
