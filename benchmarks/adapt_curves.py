@@ -325,6 +325,10 @@ def main() -> None:
     ap.add_argument("--no-interpolate", action="store_true", help="keep the fine-tuned weights")
     ap.add_argument("--holdout", type=float, default=AdaptConfig_default("holdout"))
     ap.add_argument("--seed", type=int, default=AdaptConfig_default("seed"))
+    ap.add_argument("--soup", type=int, default=AdaptConfig_default("soup"))
+    ap.add_argument(
+        "--no-refit", action="store_true", help="keep the parent's thresholds (no refit on val)"
+    )
     ap.add_argument(
         "--train-bn", action="store_true", help="BatchNorm statistics follow the local cells"
     )
@@ -377,6 +381,7 @@ def main() -> None:
                 freeze_bn=not args.train_bn,
                 holdout=args.holdout,
                 seed=args.seed,
+                soup=args.soup,
             )
             r = adapt_bundle(
                 args.bundle,
@@ -387,6 +392,7 @@ def main() -> None:
                 source_model=args.source_model,
                 pixel_size_um=px,
                 formats=args.formats.split(","),
+                refit_thresholds=not args.no_refit,
             )
             new = load_bundle(out)
             res = {sp: score(new, sp) for sp in splits}

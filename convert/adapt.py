@@ -42,14 +42,20 @@ import numpy as np
 
 from edgecells.calibration.calibset import CalibSet
 from edgecells.calibration.replay import read_replay, stratified_subset
-from edgecells.edge.bundle import MANIFEST_NAME, load_bundle, read_manifest, sha256_file
+from edgecells.edge.bundle import (
+    MANIFEST_NAME,
+    load_bundle,
+    read_manifest,
+    sha256_file,
+    write_manifest,
+)
 from edgecells.edge.errors import EdgecellsError
 from edgecells.training.adapt import (
     AdaptConfig,
     LocalCells,
     accuracy,
     choose_alpha,
-    finetune,
+    finetune_soup,
     load_trainable,
     mix,
     read_local_cells,
@@ -162,6 +168,7 @@ def adapt_bundle(
     replay_data: str | os.PathLike[str] | None = None,
     source_model: str | os.PathLike[str] | None = None,
     max_pbc_drop: float = 1.0,
+    refit_thresholds: bool = True,
     pixel_size_um: float | None = None,
     formats: list[str] | None = None,
     name: str | None = None,
@@ -171,7 +178,9 @@ def adapt_bundle(
 ) -> AdaptResult:
     """Adapt ``bundle`` to the labelled cells in ``data``; write the new bundle to ``out``.
     Never raises on a failed gate (``AdaptResult.passed``); the bundle is written either
-    way and its manifest says why it failed."""
+    way and its manifest says why it failed. ``refit_thresholds``: with ``replay_data``,
+    refit the temperature, OOD threshold and flag on its validation split for the adapted
+    model (as ``bundle refit`` does); otherwise the parent's are kept."""
     from edgecells.convert import pipeline, writer
     from edgecells.convert.source import from_keras
 
@@ -180,6 +189,8 @@ def adapt_bundle(
     step = step or (lambda _s: None)
     if cfg.epochs < 1:
         raise EdgecellsError(f"--epochs must be >= 1, got {cfg.epochs}")
+    if cfg.soup < 1:
+        raise EdgecellsError(f"--soup must be >= 1, got {cfg.soup}")
     if not 0 <= cfg.holdout < 1:
         raise EdgecellsError(f"--holdout must be in [0, 1), got {cfg.holdout}")
     out = Path(out)
@@ -266,7 +277,7 @@ def adapt_bundle(
     mx, my, reps = mix(local.x[tr_idx], local.y[tr_idx], rx, ry, cfg.local_share)
     t_train = time.perf_counter()
     parent_weights = model.get_weights()
-    log = finetune(model, mx, my, len(classes), cfg, on_train_step)
+    log = finetune_soup(model, parent_weights, mx, my, len(classes), cfg, on_train_step)
     alpha, alphas = 1.0, []
     if cfg.interpolate:
         step("choosing the interpolation weight")
@@ -404,9 +415,34 @@ def adapt_bundle(
     )
     thresholds["screening"] = screening
     manifest["thresholds"] = thresholds  # the parent's, with the rates measured now
+    adaptation["thresholds"] = "parent's (no validation split at hand)"
     manifest["adaptation"] = adaptation
     writer.write(out, manifest)
     load_bundle(out)
+    if replay_data is not None and refit_thresholds:
+        # The parent's temperature and OOD threshold were fitted to the parent's
+        # confidences; the adapted model's differ. Refit them (and the flag thresholds and
+        # per-cell rates) exactly as `bundle refit` does, on the original data's
+        # validation split (never its test split, never the local cells).
+        from edgecells.training.abstention import TARGET_UNIDENTIFIED, refit_bundle
+
+        step("refitting thresholds on the validation split")
+        ood = parent.thresholds.get("ood") or {}
+        try:
+            refit_bundle(
+                out, replay_data, None, float(ood.get("target_unidentified", TARGET_UNIDENTIFIED))
+            )
+            how = f"refitted on {sdesc}, device path"
+        except EdgecellsError as exc:  # e.g. a validation split too small to fit a flag
+            how = f"parent's (not refitted on {sdesc}: {exc})"
+        seconds = time.perf_counter() - t0  # the whole run, refit included
+        manifest = read_manifest(out)
+        manifest["adaptation"].update(
+            thresholds=how, seconds=round(seconds, 1), peak_rss_mb=round(peak_rss_mb(), 1)
+        )
+        adaptation = manifest["adaptation"]
+        write_manifest(out, manifest)
+        load_bundle(out)
     return AdaptResult(
         bundle_dir=out,
         passed=not failures,

@@ -171,7 +171,9 @@ def test_adapt_refuses_a_bundle_without_a_trainable_model(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-def test_round_trip_export_label_adapt_screen(tmp_path: Path) -> None:
+def test_round_trip_export_label_adapt_screen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A trainable tiny bundle (convert puts its model and replay set in), cells exported
     from the BCCD fixture frames and 'labelled' by moving files, adapted (1 epoch) with
     the bundle's own replay set (no original data: the device case), then checked like
@@ -251,6 +253,37 @@ def test_round_trip_export_label_adapt_screen(tmp_path: Path) -> None:
     assert "bundle check set" in ad["check_data"]  # the device case: the parent's check set
     assert [x["id"] for x in m["models"]] == [x["id"] for x in pm["models"]]
     assert m["training"]["source_model"]["sha256"] != src["sha256"]  # the fine-tuned model
+    assert ad["thresholds"].startswith("parent's")  # no validation split on the device
+    assert m["thresholds"].get("ood") == pm["thresholds"].get("ood")
+
+    # with the original data (--replay-data) the thresholds are refitted for the adapted
+    # model on its val split. The fixture's val split (8 cells) is too small to fit a
+    # flag: the parent's are kept, and the manifest says why
+    proc = _cli(
+        "adapt", "--bundle", parent, "--data", exp, "--out", tmp_path / "adapted1", "--epochs",
+        "1", "--json", "--force", "--max-drop", "100", "--replay-data", FIX / "pbc",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    m1 = json.loads((tmp_path / "adapted1" / "manifest.json").read_text())
+    assert "too few" in m1["adaptation"]["thresholds"]
+    assert m1["thresholds"].get("ood") == pm["thresholds"].get("ood")
+    # a validation split that can be fitted: adapt calls the very refit `bundle refit`
+    # runs, on the adapted bundle, with the parent's target, and records it (the fixture's
+    # tiny model is at chance, too weak to fit a real flag on any split)
+    import edgecells.training.abstention as abstention
+    from edgecells.convert.adapt import adapt_bundle
+    from edgecells.training.adapt import AdaptConfig
+
+    calls: list[tuple] = []
+    monkeypatch.setattr(abstention, "refit_bundle", lambda *a, **k: calls.append(a) or {})
+    r = adapt_bundle(
+        parent, exp, tmp_path / "adapted2", AdaptConfig(epochs=1), replay_data=FIX / "pbc",
+        max_pbc_drop=100.0,
+    )  # fmt: skip
+    assert calls == [(tmp_path / "adapted2", FIX / "pbc", None, abstention.TARGET_UNIDENTIFIED)]
+    assert r.adaptation["thresholds"] == "refitted on pbc val split (8 images), device path"
+    m2 = json.loads((tmp_path / "adapted2" / "manifest.json").read_text())
+    assert m2["adaptation"]["thresholds"] == r.adaptation["thresholds"]
 
     # like any converted bundle: info, doctor (self-test), update-bundle dry run, screen
     assert _cli("bundle", "info", new).returncode == 0
@@ -347,3 +380,47 @@ def test_adapt_says_how_much_of_the_fine_tuning_it_kept() -> None:
     assert "warning" in low and "10% of the fine-tuning" in low
     off = _interpolation_line({"interpolation": {"alpha": 1.0, "selected_on": None}})
     assert "off" in off and "warning" not in off
+
+
+def test_a_model_soup_is_the_mean_of_its_members_weights(tmp_path: Path) -> None:
+    """--soup N fine-tunes N times from the parent's weights (seeds s, s+1000, ...) and
+    keeps the mean of the weights; --soup 1 is plain fine-tuning."""
+    keras = pytest.importorskip("keras")
+    from dataclasses import replace
+
+    from edgecells.training.adapt import AdaptConfig, finetune, finetune_soup, load_trainable
+
+    model = keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            keras.layers.Rescaling(1 / 255.0),
+            keras.layers.Conv2D(4, 3, activation="relu"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    path = tmp_path / "m.keras"
+    model.save(path)
+    parent = model.get_weights()
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 255, (64, 32, 32, 3), dtype=np.uint8)
+    y = np.arange(64) % 3
+    cfg = AdaptConfig(epochs=1, batch=16, seed=3)
+    members = []
+    for j in range(2):
+        m = load_trainable(path, 0)
+        finetune(m, x, y, 3, replace(cfg, seed=3 + 1000 * j))
+        members.append(m.get_weights())
+    assert any(not np.allclose(a, b) for a, b in zip(*members))  # the seeds differ
+
+    m = load_trainable(path, 0)
+    log = finetune_soup(m, parent, x, y, 3, replace(cfg, soup=2))
+    assert [e["member"] for e in log] == [0, 1]
+    for got, a, b in zip(m.get_weights(), *members):
+        np.testing.assert_allclose(got, (a + b) / 2, rtol=1e-5, atol=1e-6)
+
+    m = load_trainable(path, 0)
+    finetune_soup(m, parent, x, y, 3, cfg)  # soup 1
+    assert all(np.array_equal(a, b) for a, b in zip(m.get_weights(), members[0]))
+    with pytest.raises(EdgecellsError, match="--soup"):
+        finetune_soup(m, parent, x, y, 3, replace(cfg, soup=0))

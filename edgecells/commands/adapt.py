@@ -58,6 +58,12 @@ def adapt(
         help="Pull the fine-tuned weights back toward the parent's (WiSE-FT) as far as "
         "needed to keep the original data's accuracy.",
     ),
+    soup: int = typer.Option(
+        1,
+        "--soup",
+        help="Fine-tune this many times (seeds SEED, SEED+1000, ...) and keep the mean of "
+        "the weights (a model soup): steadier results, N times the fine-tuning time.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     force: bool = typer.Option(False, "--force", help="Keep a bundle that fails the gate."),
     archive: bool = typer.Option(False, "--archive", help="Also write OUT.tar.gz."),
@@ -80,6 +86,7 @@ def adapt(
         epochs=epochs,
         holdout=holdout,
         seed=seed,
+        soup=soup,
         min_per_class=min_per_class,
         interpolate=interpolate,
         select_drop_pp=max_drop,  # the gate's tolerance, on the selection split
