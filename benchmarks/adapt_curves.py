@@ -327,6 +327,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=AdaptConfig_default("seed"))
     ap.add_argument("--soup", type=int, default=AdaptConfig_default("soup"))
     ap.add_argument(
+        "--no-train-on-all",
+        action="store_true",
+        help="ship the gate run's model (trained without the held-out cells)",
+    )
+    ap.add_argument(
         "--no-refit", action="store_true", help="keep the parent's thresholds (no refit on val)"
     )
     ap.add_argument(
@@ -382,6 +387,7 @@ def main() -> None:
                 holdout=args.holdout,
                 seed=args.seed,
                 soup=args.soup,
+                train_on_all=not args.no_train_on_all,
             )
             r = adapt_bundle(
                 args.bundle,
@@ -405,6 +411,7 @@ def main() -> None:
                     m["before"]["local_holdout"]["accuracy"],
                     m["after"]["local_holdout"]["accuracy"],
                 ],
+                "local_gate": m.get("local_gate"),
                 **res,
                 "pbc_val": pbc_val_accuracy(new, args.replay_data),
                 "pbc_val_parent": parent_pbc_val,

@@ -276,14 +276,28 @@ def test_round_trip_export_label_adapt_screen(
 
     calls: list[tuple] = []
     monkeypatch.setattr(abstention, "refit_bundle", lambda *a, **k: calls.append(a) or {})
+    # ... and holdout 0 (one pass on every cell) ships the very model the default's second
+    # pass shipped in adapted1 (gate run on 80%, then every cell)
+    cfg = AdaptConfig(epochs=1, holdout=0.0, select_drop_pp=100.0)
     r = adapt_bundle(
-        parent, exp, tmp_path / "adapted2", AdaptConfig(epochs=1), replay_data=FIX / "pbc",
-        max_pbc_drop=100.0,
+        parent, exp, tmp_path / "adapted2", cfg, replay_data=FIX / "pbc", max_pbc_drop=100.0
     )  # fmt: skip
     assert calls == [(tmp_path / "adapted2", FIX / "pbc", None, abstention.TARGET_UNIDENTIFIED)]
     assert r.adaptation["thresholds"] == "refitted on pbc val split (8 images), device path"
     m2 = json.loads((tmp_path / "adapted2" / "manifest.json").read_text())
     assert m2["adaptation"]["thresholds"] == r.adaptation["thresholds"]
+    assert m2["adaptation"]["metrics"]["local_gate"] is None  # nothing held out
+    g1 = m1["adaptation"]["metrics"]["local_gate"]
+    n_held = sum(m1["adaptation"]["local_data"]["holdout_counts"].values())
+    assert n_held > 0 and g1["before"]["n"] == g1["after"]["n"] == n_held
+    assert m1["adaptation"]["local_data"]["shipped_model_trained_on"].startswith("every")
+    assert m1["adaptation"]["interpolation"]["alpha"] == r.adaptation["interpolation"]["alpha"]
+    keras = pytest.importorskip("keras")
+    w1, w2 = (
+        keras.models.load_model(d / m1["training"]["source_model"]["path"]).get_weights()
+        for d in (tmp_path / "adapted1", tmp_path / "adapted2")
+    )
+    assert all(np.array_equal(a, b) for a, b in zip(w1, w2))
 
     # like any converted bundle: info, doctor (self-test), update-bundle dry run, screen
     assert _cli("bundle", "info", new).returncode == 0

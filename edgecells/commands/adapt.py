@@ -45,7 +45,15 @@ def adapt(
         "--pixel-size): each is cut at the model's field around its centre. Crops from "
         "--export-crops need none. Omit: the image's centre square is used whole.",
     ),
-    holdout: float = typer.Option(0.2, "--holdout", help="Share of local cells held out."),
+    holdout: float = typer.Option(
+        0.2, "--holdout", help="Share of local cells held out for the gate run."
+    ),
+    train_on_all: bool = typer.Option(
+        True,
+        "--train-on-all/--no-train-on-all",
+        help="After the gate run (fine-tuned without the held-out cells, scored on them), "
+        "fine-tune again on every local cell and ship that model.",
+    ),
     min_per_class: int = typer.Option(
         3, "--min-per-class", help="Refuse a class folder with fewer labelled cells."
     ),
@@ -62,7 +70,7 @@ def adapt(
         1,
         "--soup",
         help="Fine-tune this many times (seeds SEED, SEED+1000, ...) and keep the mean of "
-        "the weights (a model soup): steadier results, N times the fine-tuning time.",
+        "the weights (a model soup); N times the fine-tuning time.",
     ),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     force: bool = typer.Option(False, "--force", help="Keep a bundle that fails the gate."),
@@ -85,6 +93,7 @@ def adapt(
     cfg = AdaptConfig(
         epochs=epochs,
         holdout=holdout,
+        train_on_all=train_on_all,
         seed=seed,
         soup=soup,
         min_per_class=min_per_class,
@@ -170,15 +179,24 @@ def _print(d: dict[str, Any]) -> None:
     t = Table(title=f"adapted bundle -> {d['bundle']}  ({m['format']})")
     for c in ("data", "n", "before", "after"):
         t.add_column(c, justify="left" if c == "data" else "right")
-    for key, label in (("local_holdout", "held-out local cells"), ("check", d["check_data"])):
-        b, a = m["before"][key], m["after"][key]
+    local_gate = m.get("local_gate")
+    if local_gate:  # two passes: the shipped model was trained on the held-out cells too
+        b, a = local_gate["before"], local_gate["after"]
+        label = "held-out local cells (float, fine-tuned without them)"
         t.add_row(label, str(a["n"]), _pct(b["accuracy"]), _pct(a["accuracy"]))
+    else:
+        b, a = m["before"]["local_holdout"], m["after"]["local_holdout"]
+        t.add_row("held-out local cells", str(a["n"]), _pct(b["accuracy"]), _pct(a["accuracy"]))
+    b, a = m["before"]["check"], m["after"]["check"]
+    t.add_row(d["check_data"], str(a["n"]), _pct(b["accuracy"]), _pct(a["accuracy"]))
     out.print(t)
     ld = d["local_data"]
     out.print(
         "local cells: "
         + ", ".join(f"{c} {n}" for c, n in ld["counts"].items())
-        + f" ({sum(ld['holdout_counts'].values())} held out); replay: {d['replay']['data']}"
+        + f" ({sum(ld['holdout_counts'].values())} held out for the gate"
+        + ("; the bundle is trained on all" if local_gate else "")
+        + f"); replay: {d['replay']['data']}"
     )
     out.print(_interpolation_line(d))
     gate = "[green]passed[/]" if d["passed"] else "[red]FAILED[/]: " + "; ".join(d["failures"])
